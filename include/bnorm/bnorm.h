@@ -1,0 +1,440 @@
+/*
+ * bnorm.h - batch normalization in portable C99: the public API and its manual.
+ *
+ * bnorm computes batch normalization exactly as PyTorch, OneFlow and MegEngine define it:
+ *
+ *   per channel c, over every other dimension (count m = N * spatial):
+ *     mean_c   = (1/m) sum x
+ *     var_c    = (1/m) sum (x - mean_c)^2           biased: used to normalize
+ *     invstd_c = 1 / sqrt(var_c + eps)              (0 when var_c + eps == 0, as PyTorch)
+ *     y        = (x - mean_c) * invstd_c * weight_c + bias_c
+ *   fused:  y = ReLU(BN(x) + addend)                (OneFlow FusedBatchNorm; addend optional)
+ *   running statistics (training, PyTorch convention, alpha = momentum):
+ *     running_mean = (1 - alpha) * running_mean + alpha * mean_c
+ *     running_var  = (1 - alpha) * running_var  + alpha * var_c * m / (m - 1)   (unbiased)
+ *
+ * Two levels:
+ *   - the functional level (bnorm_forward, bnorm_backward): stateless, like
+ *     torch.nn.functional.batch_norm or a oneDNN primitive; the caller owns every buffer;
+ *   - the layer (bnorm_layer_*): the nn.BatchNorm1d/2d/3d module. It owns weight, bias, their
+ *     gradients, the running statistics and num_batches_tracked, and is built on the functional level.
+ *
+ * Conventions that hold for every function:
+ *   - Every function returns a bnorm_status. On failure bnorm_last_error() names the function, the
+ *     offending value and the rule, and NOTHING was written: outputs, running statistics, counters and
+ *     layer state are exactly as before the call (all arguments are validated before any write).
+ *   - The library never aborts, exits or prints.
+ *   - Tensors are described by a bnorm_desc: logical dimensions always in the order (N, C, d1, d2, ...),
+ *     whatever the memory layout. Element counts are int64; shapes whose byte size overflows are rejected.
+ *   - Data types: x, y, dy, dx, addend, daddend are of the descriptor's dtype. Per-channel arrays
+ *     (weight, bias, running stats, saved mean/invstd, gradients of weight/bias) are of the "parameter
+ *     dtype": float64 when the data is float64, float32 otherwise (float16/bfloat16 data are storage only;
+ *     all arithmetic is float32 or wider, statistics are accumulated in float64).
+ *   - Pointers need no particular alignment. Buffers that are not documented as aliasable must not overlap.
+ *   - Thread safety: functions on distinct buffers/layers may be called concurrently from several
+ *     threads. One layer must not be used from two threads at once. Each call uses up to
+ *     bnorm_get_num_threads() OpenMP threads.
+ *   - Results are bitwise identical run to run for a given thread count, CPU instruction set and input.
+ */
+#ifndef BNORM_H
+#define BNORM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(_WIN32) && defined(BNORM_SHARED)
+#  ifdef BNORM_BUILDING
+#    define BNORM_API __declspec(dllexport)
+#  else
+#    define BNORM_API __declspec(dllimport)
+#  endif
+#elif defined(__GNUC__)
+#  define BNORM_API __attribute__((visibility("default")))
+#else
+#  define BNORM_API
+#endif
+
+#define BNORM_VERSION_MAJOR 0
+#define BNORM_VERSION_MINOR 1
+#define BNORM_VERSION_PATCH 0
+
+/* Library version as "MAJOR.MINOR.PATCH" (of the library actually linked). */
+BNORM_API const char *bnorm_version_string(void);
+
+/* ---------------------------------------------------------------------------------------------
+ * Status codes and errors
+ * ------------------------------------------------------------------------------------------- */
+
+/* X(name, value, description): one list drives the enum and bnorm_status_string(). */
+#define BNORM_STATUS_LIST(X)                                                              \
+    X(BNORM_STATUS_OK, 0, "success")                                                      \
+    X(BNORM_STATUS_NULL_POINTER, 1, "a required pointer argument is NULL")                \
+    X(BNORM_STATUS_INVALID_ARGUMENT, 2, "an argument has an invalid value")               \
+    X(BNORM_STATUS_SHAPE_MISMATCH, 3, "tensor shapes or channel counts do not agree")     \
+    X(BNORM_STATUS_OVERFLOW, 4, "a size overflows 64-bit arithmetic")                     \
+    X(BNORM_STATUS_BATCH_TOO_SMALL, 5, "expected more than 1 value per channel when training") \
+    X(BNORM_STATUS_UNSUPPORTED, 6, "the combination is not supported")                    \
+    X(BNORM_STATUS_OUT_OF_MEMORY, 7, "memory allocation failed")                          \
+    X(BNORM_STATUS_IO, 8, "a file could not be read or written")                          \
+    X(BNORM_STATUS_FORMAT, 9, "a file is corrupt or not in the expected format")          \
+    X(BNORM_STATUS_COMM, 10, "a collective communication failed")                         \
+    X(BNORM_STATUS_COMM_MISMATCH, 11, "processes of the group disagree")                  \
+    X(BNORM_STATUS_STATE, 12, "the call is not valid in the object's current state")
+
+typedef enum bnorm_status {
+#define BNORM_STATUS_ENUM_ENTRY(name, value, text) name = value,
+    BNORM_STATUS_LIST(BNORM_STATUS_ENUM_ENTRY)
+#undef BNORM_STATUS_ENUM_ENTRY
+} bnorm_status;
+
+/* Static description of a status ("unknown status" for values outside the enum). */
+BNORM_API const char *bnorm_status_string(bnorm_status status);
+
+/* The message of the last failing call on this thread, e.g.
+ * "bnorm_forward: desc.dims[1] (C) = 0: must be >= 1". Empty string if none. The pointer stays valid
+ * until the next bnorm call on this thread. */
+BNORM_API const char *bnorm_last_error(void);
+
+/* ---------------------------------------------------------------------------------------------
+ * Types, layouts and tensor descriptors
+ * ------------------------------------------------------------------------------------------- */
+
+typedef enum bnorm_dtype {
+    BNORM_DTYPE_F32 = 0,  /* IEEE binary32 */
+    BNORM_DTYPE_F64 = 1,  /* IEEE binary64; parameters are float64 too */
+    BNORM_DTYPE_F16 = 2,  /* IEEE binary16, storage only: float32 arithmetic, float32 parameters */
+    BNORM_DTYPE_BF16 = 3  /* bfloat16, storage only: float32 arithmetic, float32 parameters */
+} bnorm_dtype;
+
+/* Size in bytes of one element (0 for an invalid dtype). */
+BNORM_API size_t bnorm_dtype_size(bnorm_dtype dtype);
+/* The parameter dtype for data of this dtype: BNORM_DTYPE_F64 for F64, BNORM_DTYPE_F32 otherwise. */
+BNORM_API bnorm_dtype bnorm_param_dtype(bnorm_dtype dtype);
+/* "float32", "float64", "float16", "bfloat16" (NULL for an invalid dtype). */
+BNORM_API const char *bnorm_dtype_name(bnorm_dtype dtype);
+
+typedef enum bnorm_layout {
+    /* NCHW-like: dims (N, C, d1..dk) stored row-major in that order. */
+    BNORM_LAYOUT_CHANNELS_FIRST = 0,
+    /* NHWC-like: the same logical dims stored as (N, d1..dk, C), channels innermost
+     * (PyTorch's channels_last / channels_last_3d memory format). For rank 2 both layouts coincide. */
+    BNORM_LAYOUT_CHANNELS_LAST = 1
+} bnorm_layout;
+
+#define BNORM_MAX_RANK 8
+
+/* Describes x (and y, dy, dx, addend, daddend, which always share it).
+ * rank in [2, BNORM_MAX_RANK]; dims[0] = N >= 0, dims[1] = C >= 1, spatial dims >= 0.
+ * Example: bnorm_desc d = {.dtype = BNORM_DTYPE_F32, .layout = BNORM_LAYOUT_CHANNELS_FIRST,
+ *                          .rank = 4, .dims = {32, 64, 56, 56}}; */
+typedef struct bnorm_desc {
+    bnorm_dtype dtype;
+    bnorm_layout layout;
+    int rank;
+    int64_t dims[BNORM_MAX_RANK];
+} bnorm_desc;
+
+/* Checks a descriptor (rank, dims, dtype, layout, byte-size overflow). */
+BNORM_API bnorm_status bnorm_desc_check(const bnorm_desc *desc);
+/* Number of elements (N * C * spatial); 0 for an invalid descriptor. */
+BNORM_API int64_t bnorm_desc_numel(const bnorm_desc *desc);
+
+/* ---------------------------------------------------------------------------------------------
+ * Threads and instruction sets
+ * ------------------------------------------------------------------------------------------- */
+
+/* Number of threads every later call may use (process-wide). n <= 0 restores the default: the
+ * number of processors OpenMP reports. Without OpenMP the library is single-threaded. */
+BNORM_API void bnorm_set_num_threads(int n);
+BNORM_API int bnorm_get_num_threads(void);
+
+/* Kernel variants. The best one the CPU supports is chosen at first use; the environment variable
+ * BNORM_ISA=scalar|avx2|avx512 caps it (a cap above what the CPU has is lowered to what it has). */
+typedef enum bnorm_isa {
+    BNORM_ISA_SCALAR = 0, /* portable C, always built */
+    BNORM_ISA_AVX2 = 1,   /* x86-64 AVX2 + FMA + F16C */
+    BNORM_ISA_AVX512 = 2  /* x86-64 AVX-512 F/BW/VL (+BF16 conversions where present) */
+} bnorm_isa;
+
+/* The variant in use. */
+BNORM_API bnorm_isa bnorm_get_isa(void);
+/* Caps the variant (tests and benchmarks); fails with UNSUPPORTED if the CPU lacks it. */
+BNORM_API bnorm_status bnorm_set_isa(bnorm_isa isa);
+/* "scalar", "avx2", "avx512". */
+BNORM_API const char *bnorm_isa_name(bnorm_isa isa);
+
+/* ---------------------------------------------------------------------------------------------
+ * Communicators (synchronized batch norm)
+ *
+ * Statistics over all processes of a group: pass a bnorm_comm in the forward/backward arguments. The
+ * library only needs an all-gather: every rank contributes `count` doubles and receives the
+ * contributions of all ranks, ordered by rank (recv holds size * count doubles). Merging in rank order
+ * on every rank makes results identical on all ranks. bnorm_mpi.h builds one from an MPI_Comm; users of
+ * another engine fill the struct themselves. The callback returns 0 on success; on failure it returns
+ * non-zero and may write a message (NUL-terminated, at most msg_cap bytes) into msg.
+ * Every rank must make the same sequence of calls (forward, backward) with the same C, dtype and mode;
+ * ranks whose local batch is empty (N = 0) must still call.
+ * ------------------------------------------------------------------------------------------- */
+typedef struct bnorm_comm {
+    int rank;  /* this process, 0 <= rank < size */
+    int size;  /* processes in the group, >= 1 */
+    /* Nonzero: before the data exchange, one extra all-gather of 8 doubles per rank checks that every
+     * rank agrees on the operation, C, dtype, layout and flags, so a rank with a different C gets
+     * BNORM_STATUS_COMM_MISMATCH instead of an all-gather of mismatched sizes (which MPI cannot
+     * diagnose). Zero: exactly one collective per forward and per backward; the same header still
+     * travels inside the data exchange, so disagreements other than C are still reported. */
+    int validate;
+    int (*allgather)(void *ctx, const double *send, int64_t count, double *recv, char *msg,
+                     size_t msg_cap);
+    void *ctx; /* passed to allgather */
+} bnorm_comm;
+
+/* ---------------------------------------------------------------------------------------------
+ * Functional level
+ * ------------------------------------------------------------------------------------------- */
+
+/* Forward pass: training (batch statistics) or inference (given statistics), optionally fused with
+ * an add and a ReLU: y = ReLU(BN(x) + addend).
+ *
+ * Fields (unused ones may stay zero/NULL; designated initialisers recommended):
+ *   desc          shape, layout and dtype of x, y and addend.                         required
+ *   x             input.                                                               required
+ *   y             output, overwritten. May be identical to x (in place) or to addend.  required
+ *   weight, bias  [C] parameter dtype; NULL means 1 (weight) or 0 (bias), i.e. affine = false.
+ *   eps           added to the variance, >= 0.
+ *   training      nonzero: normalize with the batch statistics (and update running stats if given);
+ *                 zero: normalize with running_mean/running_var (both required, read only).
+ *   running_mean, running_var
+ *                 [C] parameter dtype. Training: both NULL (not tracked) or both set, then updated in
+ *                 place with momentum (PyTorch convention, weight of the new batch, in [0, 1]) and the
+ *                 unbiased variance var * m / (m - 1). Inference: the statistics to normalize with.
+ *   momentum      alpha in [0, 1] (training with running stats only).
+ *   save_mean, save_invstd
+ *                 [C] parameter dtype, training only, optional outputs (overwritten): the batch mean
+ *                 and 1/sqrt(var + eps) that bnorm_backward needs.
+ *   addend        optional tensor of desc (same layout) added before the ReLU. May be identical to y.
+ *   relu          nonzero: apply ReLU after the (optional) add.
+ *   relu_mask     optional output when relu != 0, overwritten: bit (z > 0) of every element, for the
+ *                 backward. Its size is bnorm_relu_mask_size(&desc) bytes; treat it as opaque.
+ *   comm          training only: compute the statistics over every rank of the group (SyncBatchNorm).
+ *                 Every rank passes the same C, dtype, layout and flags. NULL: this process only.
+ *   workspace, workspace_size
+ *                 optional scratch of at least bnorm_workspace_size() bytes. NULL: the call allocates
+ *                 (and frees) what it needs.
+ *
+ * Training with one value per channel (m = N * spatial == 1; with comm, the global m) fails with
+ * BNORM_STATUS_BATCH_TOO_SMALL. N = 0 (empty batch) is valid and writes nothing, as PyTorch: the
+ * running statistics are left as they are (a comm call still takes part in the collective).
+ * NaN/Inf inputs propagate as in PyTorch (a NaN in a channel makes that channel's statistics NaN).
+ */
+typedef struct bnorm_forward_args {
+    bnorm_desc desc;
+    const void *x;
+    void *y;
+    const void *weight;
+    const void *bias;
+    double eps;
+    int training;
+    void *running_mean;
+    void *running_var;
+    double momentum;
+    void *save_mean;
+    void *save_invstd;
+    const void *addend;
+    int relu;
+    void *relu_mask;
+    const bnorm_comm *comm;
+    void *workspace;
+    size_t workspace_size;
+} bnorm_forward_args;
+
+BNORM_API bnorm_status bnorm_forward(const bnorm_forward_args *args);
+
+/* Backward pass of bnorm_forward, optionally through the fused add and ReLU.
+ *
+ *   desc            as in the forward.                                                 required
+ *   x               the forward's input (NOT overwritten by an in-place forward).      required
+ *   dy              gradient of the loss with respect to y.                            required
+ *   dx              gradient for x, overwritten; NULL if not wanted. May be identical to dy.
+ *   weight          [C] as in the forward; NULL means 1.
+ *   mean            [C] the statistics the forward normalized with: save_mean of a training
+ *                   forward, or running_mean of an inference forward.                  required
+ *   invstd          [C] 1/sqrt(var + eps): save_invstd of a training forward. For the global-stats
+ *                   case you may instead pass var (running_var) and eps; exactly one of invstd / var.
+ *   use_global_stats
+ *                   zero: training backward, the gradient flows through the batch statistics
+ *                   (dx = weight*invstd*(g - mean(g) - xhat*mean(g*xhat)));
+ *                   nonzero: the statistics were constants (eval mode, freeze): dx = g*weight*invstd.
+ *   relu_mask       the forward's relu_mask when the forward had relu != 0, else NULL. The gradient
+ *                   passes where z = BN(x) + addend was > 0 (strictly; OneFlow's rule): g = dy * mask.
+ *   daddend         gradient for the addend (= g), overwritten; NULL if not wanted. May be identical
+ *                   to dy.
+ *   dweight, dbias  [C] parameter dtype, NULL if not wanted. dweight = sum g*xhat, dbias = sum g.
+ *   accumulate      zero: dweight/dbias are overwritten; nonzero: added to (as .grad in PyTorch).
+ *   comm            training backward only: sums of g and g*xhat are reduced over the group so that
+ *                   dx equals the single-process result. dweight/dbias stay LOCAL (this rank's
+ *                   contribution, as PyTorch's SyncBatchNorm) unless reduce_param_grads is nonzero.
+ *   reduce_param_grads  with comm: dweight/dbias are the sums over the whole group.
+ *   workspace, workspace_size  as in the forward.
+ */
+typedef struct bnorm_backward_args {
+    bnorm_desc desc;
+    const void *x;
+    const void *dy;
+    void *dx;
+    const void *weight;
+    const void *mean;
+    const void *invstd;
+    const void *var;
+    double eps;
+    int use_global_stats;
+    const void *relu_mask;
+    void *daddend;
+    void *dweight;
+    void *dbias;
+    int accumulate;
+    const bnorm_comm *comm;
+    int reduce_param_grads;
+    void *workspace;
+    size_t workspace_size;
+} bnorm_backward_args;
+
+BNORM_API bnorm_status bnorm_backward(const bnorm_backward_args *args);
+
+/* Bytes of the relu_mask for a tensor of this descriptor (0 on an invalid one). */
+BNORM_API size_t bnorm_relu_mask_size(const bnorm_desc *desc);
+
+/* Bytes of workspace a forward/backward of this descriptor needs with the current thread count and
+ * a communicator of comm_size ranks (1 without one). */
+BNORM_API size_t bnorm_workspace_size(const bnorm_desc *desc, int comm_size);
+
+/* ---------------------------------------------------------------------------------------------
+ * The layer: nn.BatchNorm1d / 2d / 3d (any rank), MegEngine BatchNorm, OneFlow FusedBatchNorm
+ * ------------------------------------------------------------------------------------------- */
+
+typedef enum bnorm_momentum_mode {
+    /* PyTorch / OneFlow: running = (1 - m) * running + m * batch; default m = 0.1. */
+    BNORM_MOMENTUM_NEW_WEIGHT = 0,
+    /* MegEngine / ONNX / Keras: running = m * running + (1 - m) * batch; default m = 0.9. */
+    BNORM_MOMENTUM_KEPT_WEIGHT = 1,
+    /* PyTorch momentum=None: cumulative moving average, factor 1 / num_batches_tracked. */
+    BNORM_MOMENTUM_CUMULATIVE = 2
+} bnorm_momentum_mode;
+
+typedef struct bnorm_layer_options {
+    int64_t num_features;          /* C >= 1 */
+    bnorm_dtype param_dtype;       /* F32 (data F32/F16/BF16) or F64 (data F64) */
+    double eps;                    /* >= 0 */
+    double momentum;               /* in [0, 1]; ignored for CUMULATIVE */
+    bnorm_momentum_mode momentum_mode;
+    int affine;                    /* learnable weight and bias */
+    int track_running_stats;       /* keep running_mean/var and num_batches_tracked */
+    int freeze;                    /* MegEngine: normalize with the running stats in train and eval,
+                                      never update them, no weight/bias gradients; needs tracking */
+    int fused_relu;                /* OneFlow FusedBatchNorm: y = ReLU(BN(x) + addend) */
+} bnorm_layer_options;
+
+/* PyTorch defaults: eps 1e-5, momentum 0.1 NEW_WEIGHT, affine, tracking, float32 parameters. */
+BNORM_API bnorm_layer_options bnorm_layer_options_default(int64_t num_features);
+/* MegEngine defaults: eps 1e-5, momentum 0.9 KEPT_WEIGHT, affine, tracking, float32 parameters. */
+BNORM_API bnorm_layer_options bnorm_layer_options_megengine(int64_t num_features);
+
+typedef struct bnorm_layer bnorm_layer;
+
+/* Creates a layer in training mode with weight 1, bias 0, running_mean 0, running_var 1,
+ * num_batches_tracked 0, gradients 0. *out receives the new layer (NULL on failure). */
+BNORM_API bnorm_status bnorm_layer_create(const bnorm_layer_options *options, bnorm_layer **out);
+/* Frees the layer; NULL is a no-op. */
+BNORM_API void bnorm_layer_destroy(bnorm_layer *layer);
+/* The options the layer was created with (or last loaded). */
+BNORM_API bnorm_status bnorm_layer_get_options(const bnorm_layer *layer, bnorm_layer_options *out);
+
+/* train(1) / eval(0). */
+BNORM_API bnorm_status bnorm_layer_set_training(bnorm_layer *layer, int training);
+BNORM_API int bnorm_layer_is_training(const bnorm_layer *layer);
+
+/* Forward. desc.dims[1] must equal num_features and desc.dtype must match the parameter dtype
+ * (F64 with F64 parameters; F32, F16 or BF16 with F32 parameters). addend: only for a fused_relu layer,
+ * optional there. y may equal x or addend.
+ * Training (and not freeze): batch statistics; with tracking, running statistics are updated and
+ * num_batches_tracked is incremented (also for N = 0, where nothing else changes: PyTorch).
+ * Eval with tracking, or freeze: running statistics. Eval without tracking: batch statistics.
+ * The layer keeps what the backward needs (per-channel statistics and, when fused, the ReLU mask);
+ * the caller keeps x for the backward. */
+BNORM_API bnorm_status bnorm_layer_forward(bnorm_layer *layer, const bnorm_desc *desc, const void *x,
+                                           void *y, const void *addend);
+
+/* Backward of the last forward, which must have had the same desc. dx (may equal dy) and daddend
+ * (fused only) are overwritten and optional (NULL). The weight and bias gradients are ACCUMULATED into
+ * the layer's gradient buffers (zero them with bnorm_layer_zero_grad); none with freeze or !affine. */
+BNORM_API bnorm_status bnorm_layer_backward(bnorm_layer *layer, const bnorm_desc *desc, const void *x,
+                                            const void *dy, void *dx, void *daddend);
+
+/* weight = 1, bias = 0, and reset_running_stats. */
+BNORM_API bnorm_status bnorm_layer_reset_parameters(bnorm_layer *layer);
+/* running_mean = 0, running_var = 1, num_batches_tracked = 0. */
+BNORM_API bnorm_status bnorm_layer_reset_running_stats(bnorm_layer *layer);
+/* Sets the weight and bias gradients to 0. */
+BNORM_API bnorm_status bnorm_layer_zero_grad(bnorm_layer *layer);
+
+typedef enum bnorm_tensor_id {
+    BNORM_TENSOR_WEIGHT = 0,
+    BNORM_TENSOR_BIAS = 1,
+    BNORM_TENSOR_RUNNING_MEAN = 2,
+    BNORM_TENSOR_RUNNING_VAR = 3,
+    BNORM_TENSOR_WEIGHT_GRAD = 4,
+    BNORM_TENSOR_BIAS_GRAD = 5
+} bnorm_tensor_id;
+
+/* Direct read/write access to a layer tensor: *data points to num_features values of the parameter
+ * dtype, owned by the layer, valid until it is destroyed. UNSUPPORTED (and *data = NULL) for a
+ * tensor the layer does not have (weight/bias/grads without affine; running stats without tracking). */
+BNORM_API bnorm_status bnorm_layer_tensor(bnorm_layer *layer, bnorm_tensor_id id, void **data);
+/* "weight", "bias", "running_mean", "running_var", "weight.grad", "bias.grad". */
+BNORM_API const char *bnorm_tensor_name(bnorm_tensor_id id);
+
+BNORM_API bnorm_status bnorm_layer_get_num_batches_tracked(const bnorm_layer *layer, int64_t *out);
+BNORM_API bnorm_status bnorm_layer_set_num_batches_tracked(bnorm_layer *layer, int64_t value);
+
+/* Makes the layer synchronized (PyTorch convert_sync_batchnorm): training forwards and backwards use
+ * comm (copied into the layer; its ctx must outlive the layer's use). All state is kept. NULL turns
+ * synchronization off again. reduce_param_grads: see bnorm_backward_args. */
+BNORM_API bnorm_status bnorm_layer_set_comm(bnorm_layer *layer, const bnorm_comm *comm,
+                                            int reduce_param_grads);
+
+/* ---------------------------------------------------------------------------------------------
+ * State files (safetensors, PyTorch state_dict names) and inference folding
+ * ------------------------------------------------------------------------------------------- */
+
+/* Saves the layer's state to path in the safetensors format under the tensor names of a PyTorch
+ * state_dict prefixed by prefix (NULL or "" for none; e.g. "layer1.0.bn1."): weight, bias (affine),
+ * running_mean, running_var, num_batches_tracked (int64 scalar) (tracking). The layer options are
+ * stored in the header's __metadata__. Atomic: a temporary file in the same directory is written,
+ * flushed and renamed over path. */
+BNORM_API bnorm_status bnorm_layer_save(const bnorm_layer *layer, const char *path, const char *prefix);
+
+/* Loads the tensors named prefix + state_dict name from a safetensors file (a whole model's
+ * checkpoint may hold many layers). Everything is validated before the layer is touched. */
+BNORM_API bnorm_status bnorm_layer_load(bnorm_layer *layer, const char *path, const char *prefix);
+
+/* Per-channel scale and shift of an eval layer: y = scale * x + shift
+ * (scale = weight / sqrt(running_var + eps), shift = bias - running_mean * scale). [C] parameter dtype. */
+BNORM_API bnorm_status bnorm_layer_fold_scale_shift(const bnorm_layer *layer, void *scale, void *shift);
+
+/* Folds an eval layer into the preceding convolution or linear layer, as
+ * torch.nn.utils.fusion.fuse_conv_bn_eval: weight [C_out, k] (k = product of the other dims,
+ * row-major) becomes weight * scale per output channel, bias [C_out] becomes
+ * (bias - running_mean) * scale + shift_bias. bias_in may be NULL (no bias: 0); bias_out required.
+ * C_out must equal num_features. Arrays of the parameter dtype. weight may be updated in place. */
+BNORM_API bnorm_status bnorm_layer_fold_into(const bnorm_layer *layer, int64_t c_out, int64_t k,
+                                             const void *weight_in, const void *bias_in,
+                                             void *weight_out, void *bias_out);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* BNORM_H */

@@ -1,0 +1,85 @@
+/*
+ * internal.h - what the parts of bnorm share but users never see: error reporting, the canonical
+ * geometry every tensor is reduced to, float16/bfloat16 scalar conversions and the statistics merge.
+ */
+#ifndef BNORM_INTERNAL_H
+#define BNORM_INTERNAL_H
+
+#include "bnorm/bnorm.h"
+
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+/* Records a message for bnorm_last_error() ("<func>: <formatted text>") and returns status. */
+bnorm_status bn_fail(bnorm_status status, const char *func, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 3, 4)))
+#endif
+    ;
+/* Clears the thread's message at the start of a public call. */
+void bn_clear_error(void);
+
+/* Every tensor is viewed as [outer][C][inner]:
+ *   planes mode (channels-first with inner > 1): each (o, c) plane is `inner` contiguous elements;
+ *   rows mode (channels-last, or channels-first with inner == 1): `outer` rows of C contiguous values.
+ * m = outer * inner values per channel. */
+typedef struct bn_geom {
+    int64_t outer, C, inner;
+    int64_t m;
+    int64_t numel;
+    int planes;
+    size_t esize;
+} bn_geom;
+
+/* Validates desc (naming the caller in the error) and fills g. */
+bnorm_status bn_geom_init(const char *func, const char *what, const bnorm_desc *desc, bn_geom *g);
+
+/* Relu mask: one bit per element, each plane (planes mode) or row (rows mode) starting on a byte. */
+static inline int64_t bn_mask_stride(const bn_geom *g) { return ((g->planes ? g->inner : g->C) + 7) / 8; }
+static inline int64_t bn_mask_bytes(const bn_geom *g) {
+    return (g->planes ? g->outer * g->C : g->outer) * bn_mask_stride(g);
+}
+
+/* Exact scalar conversions (round to nearest even, NaN stays NaN and is quieted, overflow to Inf). */
+float bn_f16_to_f32(uint16_t h);
+uint16_t bn_f32_to_f16(float f);
+float bn_bf16_to_f32(uint16_t h);
+uint16_t bn_f32_to_bf16(float f);
+
+/* Per-channel partial statistics: count, mean, and M2 = sum of squared deviations from mean. */
+typedef struct bn_moments {
+    double n, mean, m2;
+} bn_moments;
+
+/* Chan et al. pairwise merge of b into a; empty partials are skipped, so order alone fixes results. */
+static inline void bn_moments_merge(bn_moments *a, double nb, double meanb, double m2b) {
+    if (nb <= 0) return;
+    if (a->n <= 0) {
+        a->n = nb; a->mean = meanb; a->m2 = m2b;
+        return;
+    }
+    double n = a->n + nb;
+    double d = meanb - a->mean;
+    a->mean += d * (nb / n);
+    a->m2 += m2b + d * d * (a->n * nb / n);
+    a->n = n;
+}
+
+/* 1/sqrt(var + eps), with PyTorch's rule that var + eps == 0 gives 0 (eps = 0, constant channel). */
+static inline double bn_invstd(double var, double eps) {
+    double v = var + eps;
+    return v == 0.0 ? 0.0 : 1.0 / __builtin_sqrt(v);
+}
+
+/* Reads/writes element i of a [C] array of parameter dtype pd (F32 or F64). */
+static inline double bn_param_get(const void *p, bnorm_dtype pd, int64_t i) {
+    return pd == BNORM_DTYPE_F64 ? ((const double *)p)[i] : (double)((const float *)p)[i];
+}
+static inline void bn_param_set(void *p, bnorm_dtype pd, int64_t i, double v) {
+    if (pd == BNORM_DTYPE_F64) ((double *)p)[i] = v;
+    else ((float *)p)[i] = (float)v;
+}
+
+#endif

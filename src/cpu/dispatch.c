@@ -1,0 +1,99 @@
+/* dispatch.c - picks the kernel table by CPU features at first use; BNORM_ISA caps the choice. */
+#include "kernels.h"
+
+#include <stdlib.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+static int bn_isa_supported(bnorm_isa isa) {
+    switch (isa) {
+    case BNORM_ISA_SCALAR: return 1;
+#if defined(BN_HAVE_AVX2) && (defined(__x86_64__) || defined(__i386__))
+    case BNORM_ISA_AVX2:
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+               __builtin_cpu_supports("f16c");
+#endif
+#if defined(BN_HAVE_AVX512) && (defined(__x86_64__) || defined(__i386__))
+    case BNORM_ISA_AVX512:
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("f16c");
+#endif
+    default: return 0;
+    }
+}
+
+/* -1: not chosen yet. A plain int read and written whole; a race at first use picks the same value. */
+static volatile int bn_isa_current = -1;
+
+static int bn_isa_detect(void) {
+    int best = BNORM_ISA_SCALAR;
+    for (int i = BNORM_ISA_AVX512; i > BNORM_ISA_SCALAR; i--)
+        if (bn_isa_supported((bnorm_isa)i)) { best = i; break; }
+    const char *cap = getenv("BNORM_ISA");
+    if (cap) {
+        int c = best;
+        if (!strcmp(cap, "scalar")) c = BNORM_ISA_SCALAR;
+        else if (!strcmp(cap, "avx2")) c = BNORM_ISA_AVX2;
+        else if (!strcmp(cap, "avx512")) c = BNORM_ISA_AVX512;
+        while (c > BNORM_ISA_SCALAR && !bn_isa_supported((bnorm_isa)c)) c--;
+        if (c < best) best = c;
+    }
+    return best;
+}
+
+bnorm_isa bnorm_get_isa(void) {
+    if (bn_isa_current < 0) bn_isa_current = bn_isa_detect();
+    return (bnorm_isa)bn_isa_current;
+}
+
+bnorm_status bnorm_set_isa(bnorm_isa isa) {
+    bn_clear_error();
+    if ((int)isa < BNORM_ISA_SCALAR || (int)isa > BNORM_ISA_AVX512)
+        return bn_fail(BNORM_STATUS_INVALID_ARGUMENT, "bnorm_set_isa", "isa = %d: not a bnorm_isa", (int)isa);
+    if (!bn_isa_supported(isa))
+        return bn_fail(BNORM_STATUS_UNSUPPORTED, "bnorm_set_isa",
+                       "isa = %s: not built into this library or not supported by this CPU",
+                       bnorm_isa_name(isa));
+    bn_isa_current = (int)isa;
+    return BNORM_STATUS_OK;
+}
+
+const char *bnorm_isa_name(bnorm_isa isa) {
+    switch (isa) {
+    case BNORM_ISA_SCALAR: return "scalar";
+    case BNORM_ISA_AVX2: return "avx2";
+    case BNORM_ISA_AVX512: return "avx512";
+    }
+    return "unknown";
+}
+
+const bn_kernels *bn_kernels_variant(bnorm_isa isa, bnorm_dtype dtype) {
+    if (!bn_isa_supported(isa) || (unsigned)dtype > BNORM_DTYPE_BF16) return NULL;
+    switch (isa) {
+#ifdef BN_HAVE_AVX2
+    case BNORM_ISA_AVX2: return &bn_kernels_avx2[dtype];
+#endif
+#ifdef BN_HAVE_AVX512
+    case BNORM_ISA_AVX512: return &bn_kernels_avx512[dtype];
+#endif
+    default: return &bn_kernels_scalar[dtype];
+    }
+}
+
+const bn_kernels *bn_kernels_for(bnorm_dtype dtype) { return bn_kernels_variant(bnorm_get_isa(), dtype); }
+
+static volatile int bn_threads_setting = 0;
+
+void bnorm_set_num_threads(int n) { bn_threads_setting = n > 0 ? n : 0; }
+
+int bnorm_get_num_threads(void) {
+    int n = bn_threads_setting;
+    if (n > 0) return n;
+#ifdef _OPENMP
+    return omp_get_num_procs();
+#else
+    return 1;
+#endif
+}

@@ -1,0 +1,689 @@
+/*
+ * driver.c - the functional level on the CPU: validates, splits the work over OpenMP threads (the
+ * only place that threads), merges partial statistics in a fixed order, talks to the communicator,
+ * and calls the kernels of kernels.h on contiguous pieces.
+ *
+ * Two schedules:
+ *   - channel schedule (channels-first planes, no communicator, C >= threads): a thread owns whole
+ *     channels and does statistics and normalization of one channel back to back, so the channel's
+ *     slice is read from DRAM once and re-read from cache. Results do not depend on the thread count.
+ *   - split schedule (everything else): phase 1 gives each thread a contiguous range of planes or
+ *     rows and produces per-channel partials; they are merged in thread order (and, with a
+ *     communicator, in rank order); phase 2 applies. Results depend on the thread count only.
+ */
+#include "kernels.h"
+
+#include <math.h>
+#include <stdlib.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+enum { BN_HDR = 8, BN_OP_FORWARD = 1, BN_OP_BACKWARD = 2, BN_MAGIC = 0x626e6f72 };
+
+static int bn_threads(void) {
+#ifdef _OPENMP
+    return bnorm_get_num_threads();
+#else
+    return 1;
+#endif
+}
+
+/* Workspace in doubles: per thread 7C, shared 14C, communicator (size + 1) * (HDR + 1 + 2C). */
+static size_t bn_ws_doubles(int64_t C, int nt, int comm_size) {
+    return (size_t)nt * 7 * (size_t)C + 14 * (size_t)C +
+           (size_t)(comm_size + 1) * (BN_HDR + 1 + 2 * (size_t)C) + 16;
+}
+
+size_t bnorm_workspace_size(const bnorm_desc *desc, int comm_size) {
+    bn_geom g = {0};
+    if (bn_geom_init("bnorm_workspace_size", "desc", desc, &g) != BNORM_STATUS_OK) return 0;
+    if (comm_size < 1) comm_size = 1;
+    return bn_ws_doubles(g.C, bn_threads(), comm_size) * sizeof(double);
+}
+
+/* A bump allocator over the caller's or our own workspace. */
+typedef struct bn_arena {
+    double *base, *owned;
+    size_t cap, used;
+} bn_arena;
+
+static double *bn_take(bn_arena *a, size_t n) {
+    double *p = a->base + a->used;
+    a->used += n;
+    return p;
+}
+
+static bnorm_status bn_arena_open(bn_arena *a, const char *func, void *ws, size_t ws_size, size_t need) {
+    a->owned = NULL;
+    a->base = NULL;
+    a->used = 0;
+    a->cap = need;
+    if (ws) {
+        if (ws_size < need * sizeof(double))
+            return bn_fail(BNORM_STATUS_INVALID_ARGUMENT, func,
+                           "workspace_size = %zu: must be >= %zu (bnorm_workspace_size)", ws_size,
+                           need * sizeof(double));
+        a->base = (double *)ws;
+        if ((uintptr_t)ws % sizeof(double))
+            return bn_fail(BNORM_STATUS_INVALID_ARGUMENT, func, "workspace must be 8-byte aligned");
+        return BNORM_STATUS_OK;
+    }
+    a->owned = (double *)malloc(need * sizeof(double));
+    if (!a->owned)
+        return bn_fail(BNORM_STATUS_OUT_OF_MEMORY, func, "cannot allocate %zu bytes of workspace",
+                       need * sizeof(double));
+    a->base = a->owned;
+    return BNORM_STATUS_OK;
+}
+
+/* Contiguous range [lo, hi) of `total` items for logical thread t of nt. */
+static void bn_range(int64_t total, int t, int nt, int64_t *lo, int64_t *hi) {
+    *lo = (int64_t)((__int128)total * t / nt);
+    *hi = (int64_t)((__int128)total * (t + 1) / nt);
+}
+
+/* Compute-type arrays: float for F32/F16/BF16 data, double for F64. */
+static void bn_ka_set(void *arr, int dbl, int64_t i, double v) {
+    if (dbl) ((double *)arr)[i] = v;
+    else ((float *)arr)[i] = (float)v;
+}
+
+/* The mean as hi + lo arrays of the compute type (see kernel_impl.h). */
+static void bn_ka_set_mean(void *hi, void *lo, int dbl, int64_t i, double v) {
+    if (dbl) {
+        ((double *)hi)[i] = v;
+        ((double *)lo)[i] = 0;
+    } else {
+        float h = (float)v;
+        ((float *)hi)[i] = h;
+        ((float *)lo)[i] = (float)(v - (double)h);
+    }
+}
+
+static bnorm_status bn_check_comm(const char *func, const bnorm_comm *c) {
+    if (c->size < 1 || c->rank < 0 || c->rank >= c->size)
+        return bn_fail(BNORM_STATUS_INVALID_ARGUMENT, func, "comm rank = %d, size = %d: need 0 <= rank < size",
+                       c->rank, c->size);
+    if (!c->allgather) return bn_fail(BNORM_STATUS_NULL_POINTER, func, "comm->allgather is NULL");
+    return BNORM_STATUS_OK;
+}
+
+static void bn_fill_header(double *h, int op, const bnorm_desc *d, int flags) {
+    h[0] = BN_MAGIC;
+    h[1] = op;
+    h[2] = (double)d->dims[1];
+    h[3] = d->dtype;
+    h[4] = d->layout;
+    h[5] = flags;
+    h[6] = 0;
+    h[7] = 0;
+}
+
+/* Checks that every rank's header (at stride `stride` in recv) equals ours. */
+static bnorm_status bn_compare_headers(const char *func, const bnorm_comm *c, const double *recv,
+                                       size_t stride, const double *mine) {
+    static const char *what[BN_HDR] = {"protocol", "operation (forward/backward)", "C", "dtype", "layout",
+                                       "mode flags", "reserved", "reserved"};
+    for (int r = 0; r < c->size; r++) {
+        const double *h = recv + (size_t)r * stride;
+        for (int i = 0; i < BN_HDR; i++)
+            if (h[i] != mine[i])
+                return bn_fail(BNORM_STATUS_COMM_MISMATCH, func,
+                               "rank %d and rank %d disagree on the %s (%g vs %g): every rank must make "
+                               "the same call with the same C, dtype, layout and mode",
+                               c->rank, r, what[i], mine[i], h[i]);
+    }
+    return BNORM_STATUS_OK;
+}
+
+/* One exchange: optional header-only validation, then the all-gather of header + payload. */
+static bnorm_status bn_exchange(const char *func, const bnorm_comm *c, double *send, size_t count,
+                                double *recv) {
+    char msg[512];
+    if (c->validate) {
+        msg[0] = '\0';
+        if (c->allgather(c->ctx, send, BN_HDR, recv, msg, sizeof msg) != 0)
+            return bn_fail(BNORM_STATUS_COMM, func, "all-gather failed: %s", msg[0] ? msg : "(no message)");
+        bnorm_status st = bn_compare_headers(func, c, recv, BN_HDR, send);
+        if (st) return st;
+    }
+    msg[0] = '\0';
+    if (c->allgather(c->ctx, send, (int64_t)count, recv, msg, sizeof msg) != 0)
+        return bn_fail(BNORM_STATUS_COMM, func, "all-gather failed: %s", msg[0] ? msg : "(no message)");
+    return bn_compare_headers(func, c, recv, count, send);
+}
+
+/* ------------------------------------------------------------------------------------------- */
+/* Forward                                                                                      */
+/* ------------------------------------------------------------------------------------------- */
+
+typedef struct bn_fwd_ctx {
+    const bnorm_forward_args *a;
+    const bn_kernels *k;
+    bn_geom g;
+    bnorm_dtype pd;
+    int dbl;
+    int64_t mask_stride;
+} bn_fwd_ctx;
+
+/* Statistics of channel c are final: write saved/running outputs, return mean and scale/shift. */
+static void bn_fwd_finalize_channel(const bn_fwd_ctx *f, int64_t c, double n, double mean, double m2,
+                                    double *scale, double *shift) {
+    const bnorm_forward_args *a = f->a;
+    double var = m2 / n;
+    double invstd = bn_invstd(var, a->eps);
+    if (a->save_mean) bn_param_set(a->save_mean, f->pd, c, mean);
+    if (a->save_invstd) bn_param_set(a->save_invstd, f->pd, c, invstd);
+    if (a->running_mean) {
+        double al = a->momentum;
+        double rm = bn_param_get(a->running_mean, f->pd, c), rv = bn_param_get(a->running_var, f->pd, c);
+        bn_param_set(a->running_mean, f->pd, c, (1 - al) * rm + al * mean);
+        bn_param_set(a->running_var, f->pd, c, (1 - al) * rv + al * (m2 / (n - 1)));
+    }
+    double w = a->weight ? bn_param_get(a->weight, f->pd, c) : 1.0;
+    *scale = w * invstd;
+    *shift = a->bias ? bn_param_get(a->bias, f->pd, c) : 0.0;
+}
+
+static const char *bn_at(const void *p, int64_t elems, size_t es) {
+    return p ? (const char *)p + elems * (int64_t)es : NULL;
+}
+
+static void bn_fwd_apply_planes(const bn_fwd_ctx *f, int64_t p, double mean, double scale, double shift) {
+    const bnorm_forward_args *a = f->a;
+    int64_t off = p * f->g.inner;
+    uint8_t *mask = a->relu_mask ? (uint8_t *)a->relu_mask + p * f->mask_stride : NULL;
+    f->k->seg_apply(bn_at(a->x, off, f->g.esize), (char *)a->y + off * (int64_t)f->g.esize,
+                    bn_at(a->addend, off, f->g.esize), mask, f->g.inner, mean, scale, shift, a->relu);
+}
+
+/* Channel schedule: statistics then normalization of each channel, back to back. */
+static void bn_fwd_channel_schedule(const bn_fwd_ctx *f, int nt) {
+    const bn_geom *g = &f->g;
+    const bnorm_forward_args *a = f->a;
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int64_t c = 0; c < g->C; c++) {
+        bn_moments mo = {0, 0, 0};
+        for (int64_t o = 0; o < g->outer; o++) {
+            double mu, m2;
+            f->k->seg_stats(bn_at(a->x, (o * g->C + c) * g->inner, g->esize), g->inner, &mu, &m2);
+            bn_moments_merge(&mo, (double)g->inner, mu, m2);
+        }
+        double scale, shift;
+        bn_fwd_finalize_channel(f, c, mo.n, mo.mean, mo.m2, &scale, &shift);
+        for (int64_t o = 0; o < g->outer; o++) bn_fwd_apply_planes(f, o * g->C + c, mo.mean, scale, shift);
+    }
+}
+
+/* Phase 1 of the split schedule: per-thread partial moments, merged in thread order into
+ * (gn, gmean[C], gm2[C]). Per-thread space: 7C doubles at part. */
+static void bn_fwd_partials(const bn_fwd_ctx *f, int nt, double *part, double *gn, double *gmean,
+                            double *gm2) {
+    const bn_geom *g = &f->g;
+    const int64_t C = g->C;
+    const char *x = (const char *)f->a->x;
+#pragma omp parallel for schedule(static, 1) num_threads(nt)
+    for (int t = 0; t < nt; t++) {
+        double *pn = part + (size_t)t * 7 * C, *pmean = pn + C, *pm2 = pmean + C;
+        for (int64_t c = 0; c < C; c++) pn[c] = pmean[c] = pm2[c] = 0;
+        int64_t lo, hi;
+        if (g->planes) {
+            bn_range(g->outer * C, t, nt, &lo, &hi);
+            for (int64_t p = lo; p < hi; p++) {
+                int64_t c = p % C;
+                double mu, m2;
+                f->k->seg_stats(x + p * g->inner * (int64_t)g->esize, g->inner, &mu, &m2);
+                bn_moments mo = {pn[c], pmean[c], pm2[c]};
+                bn_moments_merge(&mo, (double)g->inner, mu, m2);
+                pn[c] = mo.n; pmean[c] = mo.mean; pm2[c] = mo.m2;
+            }
+        } else {
+            double *sum = pm2 + C, *s1 = sum + C, *s2 = s1 + C;
+            void *ref = s2 + C; /* C values of the compute type */
+            int64_t blk = (int64_t)(65536 / ((size_t)C * g->esize));
+            if (blk < 1) blk = 1;
+            bn_range(g->outer, t, nt, &lo, &hi);
+            for (int64_t r0 = lo; r0 < hi; r0 += blk) {
+                int64_t rows = hi - r0 < blk ? hi - r0 : blk;
+                const char *xb = x + r0 * C * (int64_t)g->esize;
+                for (int64_t c = 0; c < C; c++) sum[c] = s1[c] = s2[c] = 0;
+                f->k->rows_sum(xb, rows, C, sum);
+                for (int64_t c = 0; c < C; c++) bn_ka_set(ref, f->dbl, c, sum[c] / (double)rows);
+                f->k->rows_dev(xb, rows, C, ref, s1, s2);
+                for (int64_t c = 0; c < C; c++) {
+                    double r = f->dbl ? ((double *)ref)[c] : (double)((float *)ref)[c];
+                    double bm = r + s1[c] / (double)rows, bm2 = s2[c] - s1[c] * s1[c] / (double)rows;
+                    bn_moments mo = {pn[c], pmean[c], pm2[c]};
+                    bn_moments_merge(&mo, (double)rows, bm, bm2 < 0 ? 0 : bm2);
+                    pn[c] = mo.n; pmean[c] = mo.mean; pm2[c] = mo.m2;
+                }
+            }
+        }
+    }
+    for (int64_t c = 0; c < C; c++) {
+        bn_moments mo = {0, 0, 0};
+        for (int t = 0; t < nt; t++) {
+            const double *pn = part + (size_t)t * 7 * C;
+            bn_moments_merge(&mo, pn[c], pn[C + c], pn[2 * C + c]);
+        }
+        gn[c] = mo.n; gmean[c] = mo.mean; gm2[c] = mo.m2;
+    }
+}
+
+/* Phase 2 of the split schedule. coef: mean, scale, shift as double[C] (planes) and as compute-type
+ * arrays ka_mean/ka_scale/ka_shift (rows). */
+static void bn_fwd_apply_split(const bn_fwd_ctx *f, int nt, const double *mean, const double *scale,
+                               const double *shift, const void *ka_mean, const void *ka_mlo,
+                               const void *ka_scale, const void *ka_shift) {
+    const bn_geom *g = &f->g;
+    const bnorm_forward_args *a = f->a;
+    const int64_t C = g->C;
+#pragma omp parallel for schedule(static, 1) num_threads(nt)
+    for (int t = 0; t < nt; t++) {
+        int64_t lo, hi;
+        if (g->planes) {
+            bn_range(g->outer * C, t, nt, &lo, &hi);
+            for (int64_t p = lo; p < hi; p++) {
+                int64_t c = p % C;
+                bn_fwd_apply_planes(f, p, mean[c], scale[c], shift[c]);
+            }
+        } else {
+            bn_range(g->outer, t, nt, &lo, &hi);
+            if (hi <= lo) continue;
+            int64_t off = lo * C;
+            uint8_t *mask = a->relu_mask ? (uint8_t *)a->relu_mask + lo * f->mask_stride : NULL;
+            f->k->rows_apply(bn_at(a->x, off, g->esize), (char *)a->y + off * (int64_t)g->esize,
+                             bn_at(a->addend, off, g->esize), mask, f->mask_stride, hi - lo, C, ka_mean,
+                             ka_mlo, ka_scale, ka_shift, a->relu);
+        }
+    }
+}
+
+static bnorm_status bn_fwd_validate(const bnorm_forward_args *a, bn_geom *g) {
+    static const char *F = "bnorm_forward";
+    if (!a) return bn_fail(BNORM_STATUS_NULL_POINTER, F, "args is NULL");
+    bnorm_status st = bn_geom_init(F, "args->desc", &a->desc, g);
+    if (st) return st;
+    if (g->numel > 0 && !a->x) return bn_fail(BNORM_STATUS_NULL_POINTER, F, "args->x is NULL");
+    if (g->numel > 0 && !a->y) return bn_fail(BNORM_STATUS_NULL_POINTER, F, "args->y is NULL");
+    if (!(a->eps >= 0) || isinf(a->eps))
+        return bn_fail(BNORM_STATUS_INVALID_ARGUMENT, F, "args->eps = %g: must be finite and >= 0", a->eps);
+    if (a->training) {
+        if (!a->running_mean != !a->running_var)
+            return bn_fail(BNORM_STATUS_INVALID_ARGUMENT, F,
+                           "running_mean is %s but running_var is %s: pass both or neither",
+                           a->running_mean ? "set" : "NULL", a->running_var ? "set" : "NULL");
+        if (a->running_mean && !(a->momentum >= 0 && a->momentum <= 1))
+            return bn_fail(BNORM_STATUS_INVALID_ARGUMENT, F, "args->momentum = %g: must be in [0, 1]",
+                           a->momentum);
+        if (a->comm) {
+            st = bn_check_comm(F, a->comm);
+            if (st) return st;
+        }
+    } else {
+        if (!a->running_mean || !a->running_var)
+            return bn_fail(BNORM_STATUS_NULL_POINTER, F,
+                           "inference (training = 0) needs running_mean and running_var");
+        if (a->save_mean || a->save_invstd)
+            return bn_fail(BNORM_STATUS_INVALID_ARGUMENT, F,
+                           "save_mean/save_invstd are training outputs; pass NULL in inference");
+    }
+    if (a->relu_mask && !a->relu)
+        return bn_fail(BNORM_STATUS_INVALID_ARGUMENT, F, "relu_mask is set but relu = 0");
+    return BNORM_STATUS_OK;
+}
+
+bnorm_status bnorm_forward(const bnorm_forward_args *a) {
+    static const char *F = "bnorm_forward";
+    bn_clear_error();
+    bn_fwd_ctx f;
+    bnorm_status st = bn_fwd_validate(a, &f.g);
+    if (st) return st;
+    f.a = a;
+    f.k = bn_kernels_for(a->desc.dtype);
+    f.pd = bnorm_param_dtype(a->desc.dtype);
+    f.dbl = a->desc.dtype == BNORM_DTYPE_F64;
+    f.mask_stride = bn_mask_stride(&f.g);
+    const bn_geom *g = &f.g;
+    const int64_t C = g->C;
+    const int nt = bn_threads();
+    const bnorm_comm *comm = a->training ? a->comm : NULL;
+
+    if (!a->training) { /* inference: coefficients from the running statistics */
+        if (g->numel == 0) return BNORM_STATUS_OK;
+        bn_arena ar;
+        st = bn_arena_open(&ar, F, a->workspace, a->workspace_size, bn_ws_doubles(C, nt, 1));
+        if (st) return st;
+        double *mean = bn_take(&ar, C), *scale = bn_take(&ar, C), *shift = bn_take(&ar, C);
+        double *km = bn_take(&ar, C), *kml = bn_take(&ar, C), *ks = bn_take(&ar, C), *kb = bn_take(&ar, C);
+        for (int64_t c = 0; c < C; c++) {
+            mean[c] = bn_param_get(a->running_mean, f.pd, c);
+            double w = a->weight ? bn_param_get(a->weight, f.pd, c) : 1.0;
+            scale[c] = w * bn_invstd(bn_param_get(a->running_var, f.pd, c), a->eps);
+            shift[c] = a->bias ? bn_param_get(a->bias, f.pd, c) : 0.0;
+            bn_ka_set_mean(km, kml, f.dbl, c, mean[c]);
+            bn_ka_set(ks, f.dbl, c, scale[c]);
+            bn_ka_set(kb, f.dbl, c, shift[c]);
+        }
+        bn_fwd_apply_split(&f, nt, mean, scale, shift, km, kml, ks, kb);
+        free(ar.owned);
+        return BNORM_STATUS_OK;
+    }
+
+    if (!comm) {
+        if (g->m == 0) return BNORM_STATUS_OK; /* empty batch: nothing to compute or update */
+        if (g->m == 1)
+            return bn_fail(BNORM_STATUS_BATCH_TOO_SMALL, F,
+                           "expected more than 1 value per channel when training, got input of %lld "
+                           "value(s) per channel (N * spatial)",
+                           (long long)g->m);
+        if (g->planes && C >= nt) {
+            bn_fwd_channel_schedule(&f, nt);
+            return BNORM_STATUS_OK;
+        }
+    }
+
+    bn_arena ar;
+    st = bn_arena_open(&ar, F, a->workspace, a->workspace_size, bn_ws_doubles(C, nt, comm ? comm->size : 1));
+    if (st) return st;
+    double *part = bn_take(&ar, (size_t)nt * 7 * C);
+    double *gn = bn_take(&ar, C), *gmean = bn_take(&ar, C), *gm2 = bn_take(&ar, C);
+    double *scale = bn_take(&ar, C), *shift = bn_take(&ar, C);
+    double *km = bn_take(&ar, C), *kml = bn_take(&ar, C), *ks = bn_take(&ar, C), *kb = bn_take(&ar, C);
+    if (g->m > 0) {
+        bn_fwd_partials(&f, nt, part, gn, gmean, gm2);
+    } else {
+        for (int64_t c = 0; c < C; c++) gn[c] = gmean[c] = gm2[c] = 0;
+    }
+    double n_total = (double)g->m;
+    if (comm) {
+        size_t cnt = BN_HDR + 1 + 2 * (size_t)C;
+        double *send = bn_take(&ar, cnt), *recv = bn_take(&ar, cnt * (size_t)comm->size);
+        bn_fill_header(send, BN_OP_FORWARD, &a->desc, (a->relu ? 1 : 0) | (a->addend ? 2 : 0) |
+                                                       (a->running_mean ? 4 : 0));
+        send[BN_HDR] = (double)g->m;
+        for (int64_t c = 0; c < C; c++) {
+            send[BN_HDR + 1 + c] = gmean[c];
+            send[BN_HDR + 1 + C + c] = gm2[c];
+        }
+        st = bn_exchange(F, comm, send, cnt, recv);
+        if (st) { free(ar.owned); return st; }
+        n_total = 0;
+        for (int r = 0; r < comm->size; r++) n_total += recv[(size_t)r * cnt + BN_HDR];
+        for (int64_t c = 0; c < C; c++) {
+            bn_moments mo = {0, 0, 0};
+            for (int r = 0; r < comm->size; r++) {
+                const double *q = recv + (size_t)r * cnt;
+                bn_moments_merge(&mo, q[BN_HDR], q[BN_HDR + 1 + c], q[BN_HDR + 1 + C + c]);
+            }
+            gn[c] = mo.n; gmean[c] = mo.mean; gm2[c] = mo.m2;
+        }
+        if (n_total == 0) { free(ar.owned); return BNORM_STATUS_OK; }
+        if (n_total == 1) {
+            free(ar.owned);
+            return bn_fail(BNORM_STATUS_BATCH_TOO_SMALL, F,
+                           "expected more than 1 value per channel when training, got 1 value per channel "
+                           "over all %d ranks of the group", comm->size);
+        }
+    }
+    for (int64_t c = 0; c < C; c++) {
+        bn_fwd_finalize_channel(&f, c, n_total, gmean[c], gm2[c], &scale[c], &shift[c]);
+        bn_ka_set_mean(km, kml, f.dbl, c, gmean[c]);
+        bn_ka_set(ks, f.dbl, c, scale[c]);
+        bn_ka_set(kb, f.dbl, c, shift[c]);
+    }
+    if (g->m > 0) bn_fwd_apply_split(&f, nt, gmean, scale, shift, km, kml, ks, kb);
+    free(ar.owned);
+    return BNORM_STATUS_OK;
+}
+
+/* ------------------------------------------------------------------------------------------- */
+/* Backward                                                                                     */
+/* ------------------------------------------------------------------------------------------- */
+
+typedef struct bn_bwd_ctx {
+    const bnorm_backward_args *a;
+    const bn_kernels *k;
+    bn_geom g;
+    bnorm_dtype pd;
+    int dbl;
+    int64_t mask_stride;
+    double n_total; /* global count */
+} bn_bwd_ctx;
+
+static double bn_bwd_mean(const bn_bwd_ctx *b, int64_t c) { return bn_param_get(b->a->mean, b->pd, c); }
+
+static double bn_bwd_invstd(const bn_bwd_ctx *b, int64_t c) {
+    const bnorm_backward_args *a = b->a;
+    return a->invstd ? bn_param_get(a->invstd, b->pd, c) : bn_invstd(bn_param_get(a->var, b->pd, c), a->eps);
+}
+
+/* Writes dweight/dbias of channel c from its (local) sums. */
+static void bn_bwd_param_grads(const bn_bwd_ctx *b, int64_t c, double sg, double sgx, double invstd) {
+    const bnorm_backward_args *a = b->a;
+    if (a->dweight)
+        bn_param_set(a->dweight, b->pd, c, (a->accumulate ? bn_param_get(a->dweight, b->pd, c) : 0) + sgx * invstd);
+    if (a->dbias) bn_param_set(a->dbias, b->pd, c, (a->accumulate ? bn_param_get(a->dbias, b->pd, c) : 0) + sg);
+}
+
+/* dx = g * k1 - k2 - (x - mean) * k3 from the global sums of channel c. */
+static void bn_bwd_coefs(const bn_bwd_ctx *b, int64_t c, double sg, double sgx, double invstd, double *k1,
+                         double *k2, double *k3) {
+    const bnorm_backward_args *a = b->a;
+    double w = a->weight ? bn_param_get(a->weight, b->pd, c) : 1.0;
+    *k1 = w * invstd;
+    if (a->use_global_stats || b->n_total <= 0) {
+        *k2 = *k3 = 0;
+    } else {
+        *k2 = *k1 * sg / b->n_total;
+        *k3 = *k1 * invstd * invstd * sgx / b->n_total;
+    }
+}
+
+static void bn_bwd_apply_plane(const bn_bwd_ctx *b, int64_t p, double mean, double k1, double k2, double k3) {
+    const bnorm_backward_args *a = b->a;
+    int64_t off = p * b->g.inner;
+    size_t es = b->g.esize;
+    const uint8_t *mask = a->relu_mask ? (const uint8_t *)a->relu_mask + p * b->mask_stride : NULL;
+    b->k->seg_bwd_apply(bn_at(a->x, off, es), bn_at(a->dy, off, es), mask,
+                        a->dx ? (char *)a->dx + off * (int64_t)es : NULL,
+                        a->daddend ? (char *)a->daddend + off * (int64_t)es : NULL, b->g.inner, mean, k1, k2, k3);
+}
+
+static void bn_bwd_channel_schedule(const bn_bwd_ctx *b, int nt, int need_sums) {
+    const bn_geom *g = &b->g;
+    const bnorm_backward_args *a = b->a;
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int64_t c = 0; c < g->C; c++) {
+        double mean = bn_bwd_mean(b, c), invstd = bn_bwd_invstd(b, c), sg = 0, sgx = 0;
+        if (need_sums) {
+            for (int64_t o = 0; o < g->outer; o++) {
+                int64_t p = o * g->C + c;
+                const uint8_t *mask = a->relu_mask ? (const uint8_t *)a->relu_mask + p * b->mask_stride : NULL;
+                b->k->seg_bwd_reduce(bn_at(a->x, p * g->inner, g->esize), bn_at(a->dy, p * g->inner, g->esize),
+                                     mask, g->inner, mean, &sg, &sgx);
+            }
+            bn_bwd_param_grads(b, c, sg, sgx, invstd);
+        }
+        if (a->dx || a->daddend) {
+            double k1, k2, k3;
+            bn_bwd_coefs(b, c, sg, sgx, invstd, &k1, &k2, &k3);
+            for (int64_t o = 0; o < g->outer; o++) bn_bwd_apply_plane(b, o * g->C + c, mean, k1, k2, k3);
+        }
+    }
+}
+
+/* Phase 1 of the split schedule: sums of g and g*(x - mean) per channel, merged in thread order. */
+static void bn_bwd_partials(const bn_bwd_ctx *b, int nt, const void *ka_mean, const void *ka_mlo, double *part,
+                            double *sg, double *sgx) {
+    const bn_geom *g = &b->g;
+    const bnorm_backward_args *a = b->a;
+    const int64_t C = g->C;
+    const size_t es = g->esize;
+#pragma omp parallel for schedule(static, 1) num_threads(nt)
+    for (int t = 0; t < nt; t++) {
+        double *ps = part + (size_t)t * 2 * C, *psx = ps + C;
+        for (int64_t c = 0; c < C; c++) ps[c] = psx[c] = 0;
+        int64_t lo, hi;
+        if (g->planes) {
+            bn_range(g->outer * C, t, nt, &lo, &hi);
+            for (int64_t p = lo; p < hi; p++) {
+                int64_t c = p % C;
+                const uint8_t *mask = a->relu_mask ? (const uint8_t *)a->relu_mask + p * b->mask_stride : NULL;
+                b->k->seg_bwd_reduce(bn_at(a->x, p * g->inner, es), bn_at(a->dy, p * g->inner, es), mask,
+                                     g->inner, bn_bwd_mean(b, c), &ps[c], &psx[c]);
+            }
+        } else {
+            bn_range(g->outer, t, nt, &lo, &hi);
+            if (hi > lo) {
+                const uint8_t *mask = a->relu_mask ? (const uint8_t *)a->relu_mask + lo * b->mask_stride : NULL;
+                b->k->rows_bwd_reduce(bn_at(a->x, lo * C, es), bn_at(a->dy, lo * C, es), mask, b->mask_stride,
+                                      hi - lo, C, ka_mean, ka_mlo, ps, psx);
+            }
+        }
+    }
+    for (int64_t c = 0; c < C; c++) {
+        double s = 0, sx = 0;
+        for (int t = 0; t < nt; t++) {
+            s += part[(size_t)t * 2 * C + c];
+            sx += part[(size_t)t * 2 * C + C + c];
+        }
+        sg[c] = s;
+        sgx[c] = sx;
+    }
+}
+
+static void bn_bwd_apply_split(const bn_bwd_ctx *b, int nt, const double *mean, const double *k1,
+                               const double *k2, const double *k3, const void *ka_mean, const void *ka_mlo,
+                               const void *ka1, const void *ka2, const void *ka3) {
+    const bn_geom *g = &b->g;
+    const bnorm_backward_args *a = b->a;
+    const int64_t C = g->C;
+    const size_t es = g->esize;
+#pragma omp parallel for schedule(static, 1) num_threads(nt)
+    for (int t = 0; t < nt; t++) {
+        int64_t lo, hi;
+        if (g->planes) {
+            bn_range(g->outer * C, t, nt, &lo, &hi);
+            for (int64_t p = lo; p < hi; p++) {
+                int64_t c = p % C;
+                bn_bwd_apply_plane(b, p, mean[c], k1[c], k2[c], k3[c]);
+            }
+        } else {
+            bn_range(g->outer, t, nt, &lo, &hi);
+            if (hi <= lo) continue;
+            int64_t off = lo * C;
+            const uint8_t *mask = a->relu_mask ? (const uint8_t *)a->relu_mask + lo * b->mask_stride : NULL;
+            b->k->rows_bwd_apply(bn_at(a->x, off, es), bn_at(a->dy, off, es), mask, b->mask_stride,
+                                 a->dx ? (char *)a->dx + off * (int64_t)es : NULL,
+                                 a->daddend ? (char *)a->daddend + off * (int64_t)es : NULL, hi - lo, C, ka_mean,
+                                 ka_mlo, ka1, ka2, ka3);
+        }
+    }
+}
+
+static bnorm_status bn_bwd_validate(const bnorm_backward_args *a, bn_geom *g) {
+    static const char *F = "bnorm_backward";
+    if (!a) return bn_fail(BNORM_STATUS_NULL_POINTER, F, "args is NULL");
+    bnorm_status st = bn_geom_init(F, "args->desc", &a->desc, g);
+    if (st) return st;
+    if (g->numel > 0 && !a->x) return bn_fail(BNORM_STATUS_NULL_POINTER, F, "args->x is NULL");
+    if (g->numel > 0 && !a->dy) return bn_fail(BNORM_STATUS_NULL_POINTER, F, "args->dy is NULL");
+    if (!a->mean) return bn_fail(BNORM_STATUS_NULL_POINTER, F, "args->mean is NULL");
+    if (!a->invstd == !a->var)
+        return bn_fail(BNORM_STATUS_INVALID_ARGUMENT, F, "pass exactly one of args->invstd and args->var (got %s)",
+                       a->invstd ? "both" : "neither");
+    if (a->var && (!(a->eps >= 0) || isinf(a->eps)))
+        return bn_fail(BNORM_STATUS_INVALID_ARGUMENT, F, "args->eps = %g: must be finite and >= 0", a->eps);
+    if (a->daddend && !a->relu_mask)
+        return bn_fail(BNORM_STATUS_INVALID_ARGUMENT, F,
+                       "daddend needs relu_mask (without a ReLU the addend's gradient is dy itself)");
+    if (a->comm && !a->use_global_stats) {
+        st = bn_check_comm(F, a->comm);
+        if (st) return st;
+    }
+    return BNORM_STATUS_OK;
+}
+
+bnorm_status bnorm_backward(const bnorm_backward_args *a) {
+    static const char *F = "bnorm_backward";
+    bn_clear_error();
+    bn_bwd_ctx b;
+    bnorm_status st = bn_bwd_validate(a, &b.g);
+    if (st) return st;
+    b.a = a;
+    b.k = bn_kernels_for(a->desc.dtype);
+    b.pd = bnorm_param_dtype(a->desc.dtype);
+    b.dbl = a->desc.dtype == BNORM_DTYPE_F64;
+    b.mask_stride = bn_mask_stride(&b.g);
+    b.n_total = (double)b.g.m;
+    const bn_geom *g = &b.g;
+    const int64_t C = g->C;
+    const int nt = bn_threads();
+    const bnorm_comm *comm = a->use_global_stats ? NULL : a->comm;
+    const int need_sums = !a->use_global_stats || a->dweight || a->dbias || comm;
+
+    if (!comm && g->planes && C >= nt && g->m > 0) {
+        bn_bwd_channel_schedule(&b, nt, need_sums);
+        return BNORM_STATUS_OK;
+    }
+    bn_arena ar;
+    st = bn_arena_open(&ar, F, a->workspace, a->workspace_size, bn_ws_doubles(C, nt, comm ? comm->size : 1));
+    if (st) return st;
+    double *part = bn_take(&ar, (size_t)nt * 7 * C);
+    double *sg = bn_take(&ar, C), *sgx = bn_take(&ar, C), *mean = bn_take(&ar, C), *inv = bn_take(&ar, C);
+    double *k1 = bn_take(&ar, C), *k2 = bn_take(&ar, C), *k3 = bn_take(&ar, C);
+    double *km = bn_take(&ar, C), *kml = bn_take(&ar, C), *ka1 = bn_take(&ar, C), *ka2 = bn_take(&ar, C);
+    double *ka3 = bn_take(&ar, C);
+    for (int64_t c = 0; c < C; c++) {
+        mean[c] = bn_bwd_mean(&b, c);
+        inv[c] = bn_bwd_invstd(&b, c);
+        bn_ka_set_mean(km, kml, b.dbl, c, mean[c]);
+        sg[c] = sgx[c] = 0;
+    }
+    if (need_sums && g->m > 0) bn_bwd_partials(&b, nt, km, kml, part, sg, sgx);
+    /* parameter gradients from the local sums (or the global ones on request, below) */
+    double *gsg = sg, *gsgx = sgx;
+    if (comm) {
+        /* payload: local count, then the two sums; the global count is their sum */
+        size_t cnt = BN_HDR + 1 + 2 * (size_t)C;
+        double *send = bn_take(&ar, cnt), *recv = bn_take(&ar, cnt * (size_t)comm->size);
+        bn_fill_header(send, BN_OP_BACKWARD, &a->desc, a->relu_mask ? 1 : 0);
+        send[BN_HDR] = (double)g->m;
+        for (int64_t c = 0; c < C; c++) {
+            send[BN_HDR + 1 + c] = sg[c];
+            send[BN_HDR + 1 + C + c] = sgx[c];
+        }
+        st = bn_exchange(F, comm, send, cnt, recv);
+        if (st) { free(ar.owned); return st; }
+        /* global sums in rank order, into the per-thread area (no longer needed) */
+        gsg = part;
+        gsgx = part + C;
+        b.n_total = 0;
+        for (int r = 0; r < comm->size; r++) b.n_total += recv[(size_t)r * cnt + BN_HDR];
+        for (int64_t c = 0; c < C; c++) {
+            double s = 0, sx = 0;
+            for (int r = 0; r < comm->size; r++) {
+                s += recv[(size_t)r * cnt + BN_HDR + 1 + c];
+                sx += recv[(size_t)r * cnt + BN_HDR + 1 + C + c];
+            }
+            gsg[c] = s;
+            gsgx[c] = sx;
+        }
+    }
+    for (int64_t c = 0; c < C; c++) {
+        if (need_sums) {
+            if (comm && a->reduce_param_grads) bn_bwd_param_grads(&b, c, gsg[c], gsgx[c], inv[c]);
+            else bn_bwd_param_grads(&b, c, sg[c], sgx[c], inv[c]);
+        }
+        bn_bwd_coefs(&b, c, gsg[c], gsgx[c], inv[c], &k1[c], &k2[c], &k3[c]);
+        bn_ka_set(ka1, b.dbl, c, k1[c]);
+        bn_ka_set(ka2, b.dbl, c, k2[c]);
+        bn_ka_set(ka3, b.dbl, c, k3[c]);
+    }
+    if (g->m > 0 && (a->dx || a->daddend)) bn_bwd_apply_split(&b, nt, mean, k1, k2, k3, km, kml, ka1, ka2, ka3);
+    free(ar.owned);
+    return BNORM_STATUS_OK;
+}

@@ -1,0 +1,58 @@
+/*
+ * kernels.h - the CPU kernel table. The driver (driver.c) splits work and calls these on contiguous
+ * pieces; kernels never thread and never allocate. One table per (instruction set, dtype).
+ *
+ * "seg" kernels work on one contiguous plane of n values of a single channel (channels-first);
+ * "rows" kernels on `rows` consecutive rows of C channel values (channels-last, or rank 2).
+ * Per-channel arrays passed as const void * are of the compute type: float for F32/F16/BF16 data,
+ * double for F64. Means come as hi + lo pairs (double arguments are split inside; arrays come as two
+ * arrays) so that x - mean is accurate even when the mean is large. Accumulators are always double. Masks hold one bit per element, a plane or a row
+ * starting on a byte (row r of a rows kernel at mask + r * mstride).
+ */
+#ifndef BNORM_CPU_KERNELS_H
+#define BNORM_CPU_KERNELS_H
+
+#include "../core/internal.h"
+
+typedef struct bn_kernels {
+    /* Two-pass moments of x[0..n): *mean, *m2 = sum (x - mean)^2. n >= 1. */
+    void (*seg_stats)(const void *x, int64_t n, double *mean, double *m2);
+    /* y = (x - mean) * scale + shift [+ add]; relu: y = max(z, 0) with NaN kept; mask (if not NULL)
+     * bit = z > 0. */
+    void (*seg_apply)(const void *x, void *y, const void *add, uint8_t *mask, int64_t n, double mean,
+                      double scale, double shift, int relu);
+    /* g = dy [* mask bit]; *sg += sum g; *sgx += sum g * (x - mean). */
+    void (*seg_bwd_reduce)(const void *x, const void *dy, const uint8_t *mask, int64_t n, double mean,
+                           double *sg, double *sgx);
+    /* g = dy [* mask bit]; dadd = g (if not NULL); dx = g * k1 - k2 - (x - mean) * k3 (if not NULL). */
+    void (*seg_bwd_apply)(const void *x, const void *dy, const uint8_t *mask, void *dx, void *dadd,
+                          int64_t n, double mean, double k1, double k2, double k3);
+    /* acc[c] += sum over rows of x[r][c]. */
+    void (*rows_sum)(const void *x, int64_t rows, int64_t C, double *acc);
+    /* s1[c] += sum (x - ref[c]), s2[c] += sum (x - ref[c])^2; ref of compute type. */
+    void (*rows_dev)(const void *x, int64_t rows, int64_t C, const void *ref, double *s1, double *s2);
+    void (*rows_apply)(const void *x, void *y, const void *add, uint8_t *mask, int64_t mstride,
+                       int64_t rows, int64_t C, const void *mean, const void *mean_lo, const void *scale,
+                       const void *shift, int relu);
+    void (*rows_bwd_reduce)(const void *x, const void *dy, const uint8_t *mask, int64_t mstride,
+                            int64_t rows, int64_t C, const void *mean, const void *mean_lo, double *sg,
+                            double *sgx);
+    void (*rows_bwd_apply)(const void *x, const void *dy, const uint8_t *mask, int64_t mstride, void *dx,
+                           void *dadd, int64_t rows, int64_t C, const void *mean, const void *mean_lo,
+                           const void *k1, const void *k2, const void *k3);
+    /* Storage <-> float32 conversion of n values (identity copies for F32; NULL for F64). */
+    void (*to_f32)(const void *src, float *dst, int64_t n);
+    void (*from_f32)(const float *src, void *dst, int64_t n);
+} bn_kernels;
+
+/* Tables indexed by bnorm_dtype, one per instruction set (NULL entries where not built). */
+extern const bn_kernels bn_kernels_scalar[4];
+extern const bn_kernels bn_kernels_avx2[4];
+extern const bn_kernels bn_kernels_avx512[4];
+
+/* The table in use for dtype (after CPU detection and the BNORM_ISA cap). */
+const bn_kernels *bn_kernels_for(bnorm_dtype dtype);
+/* The table of a given variant, or NULL if not built or not supported by this CPU. */
+const bn_kernels *bn_kernels_variant(bnorm_isa isa, bnorm_dtype dtype);
+
+#endif
