@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# test.sh - the one command that builds bnorm and runs every test (README: "Run the tests").
+#   1. installs missing Debian packages (apt-get, as root),
+#   2. builds the library with MPI and runs the whole ctest suite (unit, PyTorch fixtures, MPI with
+#      real processes, state I/O and its fuzzer, demo, benchmark smoke test),
+#   3. rebuilds with AddressSanitizer + UndefinedBehaviorSanitizer and runs the suite again,
+#   4. runs the core tests under valgrind.
+# Build trees: build/ and build-asan/ (reused when present).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/deps.sh test
+jobs=$(nproc)
+
+echo "== build (Release, MPI on) =="
+cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DBNORM_MPI=ON >/dev/null
+cmake --build build -j"$jobs" >/dev/null
+echo "== tests =="
+(cd build && ctest --output-on-failure -j1)
+
+echo "== build (ASan + UBSan) =="
+cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Debug -DBNORM_SANITIZE=ON -DBNORM_MPI=ON -DBNORM_BUILD_BENCH=OFF >/dev/null
+cmake --build build-asan -j"$jobs" >/dev/null
+echo "== tests under ASan + UBSan =="
+# OpenMPI's own allocations are reported as leaks by LeakSanitizer; leaks are checked by valgrind below.
+(cd build-asan && ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1 ctest --output-on-failure -j1 -E "fuzz|interop_regen|fixtures_regen")
+
+echo "== valgrind =="
+vg=(valgrind -q --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite)
+for t in test_errors test_layer test_hard; do
+  [ -x "build/tests/$t" ] || continue
+  echo "valgrind $t"
+  BNORM_TEST_QUICK=1 "${vg[@]}" "build/tests/$t" >/dev/null
+done
+echo "all test stages passed"
