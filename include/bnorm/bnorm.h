@@ -30,7 +30,8 @@
  *     (weight, bias, running stats, saved mean/invstd, gradients of weight/bias) are of the "parameter
  *     dtype": float64 when the data is float64, float32 otherwise (float16/bfloat16 data are storage only;
  *     all arithmetic is float32 or wider, statistics are accumulated in float64).
- *   - Pointers need no particular alignment. Buffers that are not documented as aliasable must not overlap.
+ *   - Tensor pointers must be aligned to their element size (as any C array of that type is); no
+ *     further alignment is needed. Buffers that are not documented as aliasable must not overlap.
  *   - Thread safety: functions on distinct buffers/layers may be called concurrently from several
  *     threads. One layer must not be used from two threads at once. Each call uses up to
  *     bnorm_get_num_threads() OpenMP threads.
@@ -420,6 +421,54 @@ BNORM_API bnorm_status bnorm_layer_save(const bnorm_layer *layer, const char *pa
 /* Loads the tensors named prefix + state_dict name from a safetensors file (a whole model's
  * checkpoint may hold many layers). Everything is validated before the layer is touched. */
 BNORM_API bnorm_status bnorm_layer_load(bnorm_layer *layer, const char *path, const char *prefix);
+
+/* Details of bnorm_layer_save / bnorm_layer_load (docs/state.md has the full format):
+ *   - Saved tensors are of the parameter dtype (F32 or F64), shape [C]; num_batches_tracked is I64, shape [].
+ *     The header is padded with spaces so that the data starts on a multiple of 8 bytes.
+ *   - Metadata: for each option a string "bnorm.<prefix><key>" with key version ("1"), num_features,
+ *     param_dtype ("float32"/"float64"), eps and momentum (decimal, exact round trip), momentum_mode
+ *     ("new_weight"/"kept_weight"/"cumulative"), affine, track_running_stats, freeze, fused_relu ("0"/"1").
+ *   - Load accepts per-channel tensors of F16, BF16, F32 or F64 (converted to the layer's parameter dtype:
+ *     exact when widening, round to nearest even when narrowing, bit copies when the dtype is the same)
+ *     shaped (C) or (1, C, 1, ...) as MegEngine stores them; num_batches_tracked is I64 of shape [] or
+ *     [1], >= 0, and a file without it loads as 0 (old PyTorch checkpoints).
+ *   - The layer's structure (num_features, param_dtype, affine, track_running_stats) never changes: the
+ *     file must hold exactly the tensors the layer has (weight and bias iff affine; running_mean and
+ *     running_var iff tracking), else BNORM_STATUS_SHAPE_MISMATCH, as PyTorch's strict load_state_dict;
+ *     no tensor at all under prefix when the layer needs some gives BNORM_STATUS_FORMAT (wrong prefix).
+ *     When the file holds bnorm options for prefix they must agree with its tensors (else FORMAT), and
+ *     eps, momentum, momentum_mode, freeze and fused_relu are taken from them; without them the layer
+ *     keeps its own options. Gradients and the training flag are neither saved nor loaded.
+ *   - Load errors: BNORM_STATUS_IO (cannot open or read), BNORM_STATUS_FORMAT (not a valid safetensors
+ *     file: every tensor entry of the whole file is checked, and the tensors must tile the data area
+ *     with no overlap, hole or trailing byte), BNORM_STATUS_SHAPE_MISMATCH (as above). The message names
+ *     the file, the tensor and the rule. On any error the layer is unchanged.
+ *   - Save errors: NULL_POINTER (layer, path), INVALID_ARGUMENT (empty path; prefix not valid UTF-8, as
+ *     JSON needs), BNORM_STATUS_IO. A failure before the rename removes the temporary file
+ *     ("<path>.tmp-<pid>-<n>") and leaves path as it was; a failure to sync the directory after the rename
+ *     is reported too, but path then already holds the complete new file. A crash can leave a stale
+ *     temporary file beside path, never a partial path. The new file gets mode 0666 minus the umask. */
+
+/* One BN layer found in a state file by bnorm_state_list. */
+typedef struct bnorm_state_entry {
+    const char *prefix;            /* pass to bnorm_layer_load, e.g. "layer1.0.bn1." ("" if none) */
+    bnorm_layer_options options;   /* ready for bnorm_layer_create */
+    int has_options;               /* 1: options were saved by bnorm (exact); 0: inferred from the
+                                      tensors (num_features, affine, tracking, param_dtype F64 if a
+                                      tensor is stored as F64 else F32) with PyTorch's other defaults */
+} bnorm_state_entry;
+
+/* Lists the BN layers a safetensors file holds (the whole file is validated as by bnorm_layer_load).
+ * A layer is listed when bnorm_layer_load would accept it: every prefix P with tensors P"running_mean"
+ * and P"running_var" (in header order of its running_mean), then every prefix with bnorm options in
+ * the metadata but no running statistics (in metadata order). Layers without running statistics that
+ * bnorm did not write cannot be told apart from other modules' weight/bias and are not listed.
+ * *entries receives ONE allocation holding the array and the prefix strings; release it with
+ * bnorm_state_list_free (never free()). *count receives the number of entries; with none, *entries is
+ * NULL. On failure *entries = NULL and *count = 0. */
+BNORM_API bnorm_status bnorm_state_list(const char *path, bnorm_state_entry **entries, size_t *count);
+/* Releases what bnorm_state_list returned; NULL is a no-op. */
+BNORM_API void bnorm_state_list_free(bnorm_state_entry *entries);
 
 /* Per-channel scale and shift of an eval layer: y = scale * x + shift
  * (scale = weight / sqrt(running_var + eps), shift = bias - running_mean * scale). [C] parameter dtype. */
