@@ -30,3 +30,16 @@ bnorm_status bn_fail(bnorm_status status, const char *func, const char *fmt, ...
 }
 
 const char *bnorm_version_string(void) { return "0.1.0"; }
+
+bnorm_status bn_error_reprefix(const char *func, bnorm_status status) {
+    if (status == BNORM_STATUS_OK) return status;
+    size_t k = strlen(func), n = strlen(bn_message);
+    if (strncmp(bn_message, func, k) == 0 && bn_message[k] == ':') return status;
+    if (n + k + 2 >= sizeof bn_message) n = sizeof bn_message - k - 3;
+    memmove(bn_message + k + 2, bn_message, n);
+    memcpy(bn_message, func, k);
+    bn_message[k] = ':';
+    bn_message[k + 1] = ' ';
+    bn_message[n + k + 2] = '\0';
+    return status;
+}

@@ -18,6 +18,8 @@ bnorm_status bn_fail(bnorm_status status, const char *func, const char *fmt, ...
     __attribute__((format(printf, 3, 4)))
 #endif
     ;
+/* On failure, prefixes the message with "<func>: " (a public function reporting a nested call's error). */
+bnorm_status bn_error_reprefix(const char *func, bnorm_status status);
 /* Clears the thread's message at the start of a public call. */
 void bn_clear_error(void);
 
@@ -62,7 +64,8 @@ static inline void bn_moments_merge(bn_moments *a, double nb, double meanb, doub
     }
     double n = a->n + nb;
     double d = meanb - a->mean;
-    a->mean += d * (nb / n);
+    /* non-finite means: Inf + finite = Inf, Inf - Inf = NaN, as sum / n gives */
+    a->mean = (__builtin_isfinite(a->mean) && __builtin_isfinite(meanb)) ? a->mean + d * (nb / n) : a->mean + meanb;
     a->m2 += m2b + d * d * (a->n * nb / n);
     a->n = n;
 }

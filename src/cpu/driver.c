@@ -12,6 +12,7 @@
  *     communicator, in rank order); phase 2 applies. Results depend on the thread count only.
  */
 #include "kernels.h"
+#include "simd.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -21,6 +22,13 @@
 #endif
 
 enum { BN_HDR = 8, BN_OP_FORWARD = 1, BN_OP_BACKWARD = 2, BN_MAGIC = 0x626e6f72 };
+
+/* Outputs of at least this many bytes are written with streaming (non-temporal) stores: they are too
+ * big to stay cached for the next layer anyway, and streaming saves the read-for-ownership of every
+ * output line and keeps the input's cached slice from being evicted. */
+#ifndef BN_STREAM_MIN_BYTES
+#define BN_STREAM_MIN_BYTES (16.0 * 1024 * 1024)
+#endif
 
 static int bn_threads(void) {
 #ifdef _OPENMP
@@ -166,6 +174,7 @@ typedef struct bn_fwd_ctx {
     bnorm_dtype pd;
     int dbl;
     int64_t mask_stride;
+    int stream; /* write y with streaming stores */
 } bn_fwd_ctx;
 
 /* Statistics of channel c are final: write saved/running outputs, return mean and scale/shift. */
@@ -191,29 +200,104 @@ static const char *bn_at(const void *p, int64_t elems, size_t es) {
     return p ? (const char *)p + elems * (int64_t)es : NULL;
 }
 
-static void bn_fwd_apply_planes(const bn_fwd_ctx *f, int64_t p, double mean, double scale, double shift) {
+/* Normalizes plane p into out (y's plane, or a staging buffer), streaming when asked. */
+static void bn_fwd_apply_plane_to(const bn_fwd_ctx *f, int64_t p, void *out, int stream, double mean, double scale,
+                                  double shift) {
     const bnorm_forward_args *a = f->a;
     int64_t off = p * f->g.inner;
     uint8_t *mask = a->relu_mask ? (uint8_t *)a->relu_mask + p * f->mask_stride : NULL;
-    f->k->seg_apply(bn_at(a->x, off, f->g.esize), (char *)a->y + off * (int64_t)f->g.esize,
-                    bn_at(a->addend, off, f->g.esize), mask, f->g.inner, mean, scale, shift, a->relu);
+    f->k->seg_apply(bn_at(a->x, off, f->g.esize), out, bn_at(a->addend, off, f->g.esize), mask, f->g.inner, mean,
+                    scale, shift, a->relu, stream);
 }
 
-/* Channel schedule: statistics then normalization of each channel, back to back. */
+static void bn_fwd_apply_planes(const bn_fwd_ctx *f, int64_t p, double mean, double scale, double shift) {
+    bn_fwd_apply_plane_to(f, p, (char *)f->a->y + p * f->g.inner * (int64_t)f->g.esize, f->stream, mean, scale, shift);
+}
+
+/* Channel schedule: a thread owns a contiguous range of channels and walks it in blocks of `cb`
+ * channels whose slices (all N planes; x, plus dy for the backward) fit in about half the L2 cache. For
+ * each block: statistics of every plane in memory order (n outer, c inner: with small planes that is a
+ * contiguous run of cb planes per n, which the hardware prefetcher follows), then the normalization in
+ * reverse order, so the planes read last, the ones most surely still cached, are re-read first.
+ * Each channel's partials are merged in plane order whatever the block size or thread count, so the
+ * results depend on neither. */
+enum { BN_BLOCK_MAX = 64 };
+static const double bn_l2_budget = 1024.0 * 1024.0;
+
+#define BN_STAGE_BYTES (16 * 1024)
+#define BN_STAGE_PLANE_MAX 2048
+
+static int64_t bn_block_channels(const bn_geom *g, int tensors, int stream) {
+    double slice = (double)g->outer * (double)g->inner * (double)g->esize * tensors;
+    int64_t cb = (int64_t)(bn_l2_budget / slice);
+    cb = cb < 1 ? 1 : cb > BN_BLOCK_MAX ? BN_BLOCK_MAX : cb;
+    size_t plane = (size_t)g->inner * g->esize;
+    if (stream && plane < BN_STAGE_PLANE_MAX && (size_t)cb * plane > BN_STAGE_BYTES)
+        cb = (int64_t)(BN_STAGE_BYTES / plane); /* small planes are staged: a run must fit the buffer */
+    return cb;
+}
+
+/* Staging of small planes: a run of cb planes of at most BN_STAGE_BYTES, planes below 2 KiB. Returns the
+ * bytes of one plane when the channel schedule should stage (0: write planes directly). */
+#if defined(__GNUC__)
+#define BN_ALIGN64 __attribute__((aligned(64)))
+#else
+#define BN_ALIGN64
+#endif
+static size_t bn_stage_plane_bytes(const bn_geom *g, int64_t cb, int stream) {
+    size_t plane = (size_t)g->inner * g->esize;
+    if (!stream || plane >= BN_STAGE_PLANE_MAX || (size_t)cb * plane > BN_STAGE_BYTES) return 0;
+    return plane;
+}
+
+/* This thread's share [lo, hi) of C channels inside a parallel region. */
+static void bn_thread_channels(int64_t C, int64_t *lo, int64_t *hi) {
+    int t = 0, n = 1;
+#ifdef _OPENMP
+    t = omp_get_thread_num();
+    n = omp_get_num_threads();
+#endif
+    bn_range(C, t, n, lo, hi);
+}
+
 static void bn_fwd_channel_schedule(const bn_fwd_ctx *f, int nt) {
     const bn_geom *g = &f->g;
     const bnorm_forward_args *a = f->a;
-#pragma omp parallel for schedule(static) num_threads(nt)
-    for (int64_t c = 0; c < g->C; c++) {
-        bn_moments mo = {0, 0, 0};
-        for (int64_t o = 0; o < g->outer; o++) {
-            double mu, m2;
-            f->k->seg_stats(bn_at(a->x, (o * g->C + c) * g->inner, g->esize), g->inner, &mu, &m2);
-            bn_moments_merge(&mo, (double)g->inner, mu, m2);
+    const int64_t cb = bn_block_channels(g, 1, f->stream);
+    /* Streaming plane by plane would leave partial cache lines at every plane boundary of small planes
+     * (each one a read-modify-write in DRAM); such runs are staged and streamed as one piece. */
+    const size_t run_bytes = bn_stage_plane_bytes(g, cb, f->stream);
+#pragma omp parallel num_threads(nt)
+    {
+        BN_ALIGN64 unsigned char stage[BN_STAGE_BYTES];
+        bn_moments mo[BN_BLOCK_MAX];
+        double scale[BN_BLOCK_MAX], shift[BN_BLOCK_MAX];
+        int64_t lo, hi;
+        bn_thread_channels(g->C, &lo, &hi);
+        for (int64_t c0 = lo; c0 < hi; c0 += cb) {
+            const int64_t nc = hi - c0 < cb ? hi - c0 : cb;
+            for (int64_t j = 0; j < nc; j++) mo[j].n = mo[j].mean = mo[j].m2 = 0;
+            for (int64_t o = 0; o < g->outer; o++)
+                for (int64_t j = 0; j < nc; j++) {
+                    double mu, m2;
+                    f->k->seg_stats(bn_at(a->x, (o * g->C + c0 + j) * g->inner, g->esize), g->inner, &mu, &m2);
+                    bn_moments_merge(&mo[j], (double)g->inner, mu, m2);
+                }
+            for (int64_t j = 0; j < nc; j++)
+                bn_fwd_finalize_channel(f, c0 + j, mo[j].n, mo[j].mean, mo[j].m2, &scale[j], &shift[j]);
+            for (int64_t o = g->outer - 1; o >= 0; o--) {
+                const int64_t p0 = o * g->C + c0;
+                if (run_bytes) { /* small planes: stage the block's contiguous run, stream it whole */
+                    for (int64_t j = nc - 1; j >= 0; j--)
+                        bn_fwd_apply_plane_to(f, p0 + j, stage + j * run_bytes, 0, mo[j].mean, scale[j], shift[j]);
+                    bn_stream_copy((char *)a->y + p0 * g->inner * (int64_t)g->esize, stage, (size_t)(nc * run_bytes));
+                } else {
+                    for (int64_t j = nc - 1; j >= 0; j--)
+                        bn_fwd_apply_planes(f, p0 + j, mo[j].mean, scale[j], shift[j]);
+                }
+            }
         }
-        double scale, shift;
-        bn_fwd_finalize_channel(f, c, mo.n, mo.mean, mo.m2, &scale, &shift);
-        for (int64_t o = 0; o < g->outer; o++) bn_fwd_apply_planes(f, o * g->C + c, mo.mean, scale, shift);
+        if (run_bytes) bn_stream_fence();
     }
 }
 
@@ -254,7 +338,7 @@ static void bn_fwd_partials(const bn_fwd_ctx *f, int nt, double *part, double *g
                 f->k->rows_dev(xb, rows, C, ref, s1, s2);
                 for (int64_t c = 0; c < C; c++) {
                     double r = f->dbl ? ((double *)ref)[c] : (double)((float *)ref)[c];
-                    double bm = r + s1[c] / (double)rows, bm2 = s2[c] - s1[c] * s1[c] / (double)rows;
+                    double bm = __builtin_isfinite(r) ? r + s1[c] / (double)rows : r, bm2 = s2[c] - s1[c] * s1[c] / (double)rows;
                     bn_moments mo = {pn[c], pmean[c], pm2[c]};
                     bn_moments_merge(&mo, (double)rows, bm, bm2 < 0 ? 0 : bm2);
                     pn[c] = mo.n; pmean[c] = mo.mean; pm2[c] = mo.m2;
@@ -285,9 +369,24 @@ static void bn_fwd_apply_split(const bn_fwd_ctx *f, int nt, const double *mean, 
         int64_t lo, hi;
         if (g->planes) {
             bn_range(g->outer * C, t, nt, &lo, &hi);
-            for (int64_t p = lo; p < hi; p++) {
-                int64_t c = p % C;
-                bn_fwd_apply_planes(f, p, mean[c], scale[c], shift[c]);
+            const size_t pb = bn_stage_plane_bytes(g, 1, f->stream);
+            if (pb) { /* small planes: consecutive planes are staged and streamed as one run */
+                BN_ALIGN64 unsigned char stage[BN_STAGE_BYTES];
+                const int64_t k = (int64_t)(BN_STAGE_BYTES / pb);
+                for (int64_t p0 = lo; p0 < hi; p0 += k) {
+                    const int64_t np = hi - p0 < k ? hi - p0 : k;
+                    for (int64_t j = 0; j < np; j++) {
+                        int64_t c = (p0 + j) % C;
+                        bn_fwd_apply_plane_to(f, p0 + j, stage + j * pb, 0, mean[c], scale[c], shift[c]);
+                    }
+                    bn_stream_copy((char *)a->y + p0 * (int64_t)pb, stage, (size_t)np * pb);
+                }
+                bn_stream_fence();
+            } else {
+                for (int64_t p = lo; p < hi; p++) {
+                    int64_t c = p % C;
+                    bn_fwd_apply_planes(f, p, mean[c], scale[c], shift[c]);
+                }
             }
         } else {
             bn_range(g->outer, t, nt, &lo, &hi);
@@ -296,7 +395,7 @@ static void bn_fwd_apply_split(const bn_fwd_ctx *f, int nt, const double *mean, 
             uint8_t *mask = a->relu_mask ? (uint8_t *)a->relu_mask + lo * f->mask_stride : NULL;
             f->k->rows_apply(bn_at(a->x, off, g->esize), (char *)a->y + off * (int64_t)g->esize,
                              bn_at(a->addend, off, g->esize), mask, f->mask_stride, hi - lo, C, ka_mean,
-                             ka_mlo, ka_scale, ka_shift, a->relu);
+                             ka_mlo, ka_scale, ka_shift, a->relu, f->stream);
         }
     }
 }
@@ -346,6 +445,7 @@ bnorm_status bnorm_forward(const bnorm_forward_args *a) {
     f.pd = bnorm_param_dtype(a->desc.dtype);
     f.dbl = a->desc.dtype == BNORM_DTYPE_F64;
     f.mask_stride = bn_mask_stride(&f.g);
+    f.stream = (double)f.g.numel * (double)f.g.esize >= BN_STREAM_MIN_BYTES;
     const bn_geom *g = &f.g;
     const int64_t C = g->C;
     const int nt = bn_threads();
@@ -401,8 +501,7 @@ bnorm_status bnorm_forward(const bnorm_forward_args *a) {
     if (comm) {
         size_t cnt = BN_HDR + 1 + 2 * (size_t)C;
         double *send = bn_take(&ar, cnt), *recv = bn_take(&ar, cnt * (size_t)comm->size);
-        bn_fill_header(send, BN_OP_FORWARD, &a->desc, (a->relu ? 1 : 0) | (a->addend ? 2 : 0) |
-                                                       (a->running_mean ? 4 : 0));
+        bn_fill_header(send, BN_OP_FORWARD, &a->desc, (a->relu ? 1 : 0) | (a->running_mean ? 4 : 0));
         send[BN_HDR] = (double)g->m;
         for (int64_t c = 0; c < C; c++) {
             send[BN_HDR + 1 + c] = gmean[c];
@@ -450,6 +549,7 @@ typedef struct bn_bwd_ctx {
     bnorm_dtype pd;
     int dbl;
     int64_t mask_stride;
+    int stream;     /* write dx/daddend with streaming stores */
     double n_total; /* global count */
 } bn_bwd_ctx;
 
@@ -482,36 +582,73 @@ static void bn_bwd_coefs(const bn_bwd_ctx *b, int64_t c, double sg, double sgx, 
     }
 }
 
-static void bn_bwd_apply_plane(const bn_bwd_ctx *b, int64_t p, double mean, double k1, double k2, double k3) {
+static void bn_bwd_apply_plane_to(const bn_bwd_ctx *b, int64_t p, void *dx, void *dadd, int stream, double mean,
+                                  double k1, double k2, double k3) {
     const bnorm_backward_args *a = b->a;
     int64_t off = p * b->g.inner;
     size_t es = b->g.esize;
     const uint8_t *mask = a->relu_mask ? (const uint8_t *)a->relu_mask + p * b->mask_stride : NULL;
-    b->k->seg_bwd_apply(bn_at(a->x, off, es), bn_at(a->dy, off, es), mask,
-                        a->dx ? (char *)a->dx + off * (int64_t)es : NULL,
-                        a->daddend ? (char *)a->daddend + off * (int64_t)es : NULL, b->g.inner, mean, k1, k2, k3);
+    b->k->seg_bwd_apply(bn_at(a->x, off, es), bn_at(a->dy, off, es), mask, dx, dadd, b->g.inner, mean, k1, k2, k3,
+                        stream);
+}
+
+static void bn_bwd_apply_plane(const bn_bwd_ctx *b, int64_t p, double mean, double k1, double k2, double k3) {
+    const bnorm_backward_args *a = b->a;
+    int64_t off = p * b->g.inner * (int64_t)b->g.esize;
+    bn_bwd_apply_plane_to(b, p, a->dx ? (char *)a->dx + off : NULL, a->daddend ? (char *)a->daddend + off : NULL,
+                          b->stream, mean, k1, k2, k3);
 }
 
 static void bn_bwd_channel_schedule(const bn_bwd_ctx *b, int nt, int need_sums) {
     const bn_geom *g = &b->g;
     const bnorm_backward_args *a = b->a;
-#pragma omp parallel for schedule(static) num_threads(nt)
-    for (int64_t c = 0; c < g->C; c++) {
-        double mean = bn_bwd_mean(b, c), invstd = bn_bwd_invstd(b, c), sg = 0, sgx = 0;
-        if (need_sums) {
-            for (int64_t o = 0; o < g->outer; o++) {
-                int64_t p = o * g->C + c;
-                const uint8_t *mask = a->relu_mask ? (const uint8_t *)a->relu_mask + p * b->mask_stride : NULL;
-                b->k->seg_bwd_reduce(bn_at(a->x, p * g->inner, g->esize), bn_at(a->dy, p * g->inner, g->esize),
-                                     mask, g->inner, mean, &sg, &sgx);
+    const int64_t cb = bn_block_channels(g, 2, b->stream);
+    const size_t run_bytes = bn_stage_plane_bytes(g, cb, b->stream);
+#pragma omp parallel num_threads(nt)
+    {
+        BN_ALIGN64 unsigned char sdx[BN_STAGE_BYTES], sda[BN_STAGE_BYTES];
+        double mean[BN_BLOCK_MAX], k1[BN_BLOCK_MAX], k2[BN_BLOCK_MAX], k3[BN_BLOCK_MAX];
+        double sg[BN_BLOCK_MAX], sgx[BN_BLOCK_MAX], invstd[BN_BLOCK_MAX];
+        int64_t lo, hi;
+        bn_thread_channels(g->C, &lo, &hi);
+        for (int64_t c0 = lo; c0 < hi; c0 += cb) {
+            const int64_t nc = hi - c0 < cb ? hi - c0 : cb;
+            for (int64_t j = 0; j < nc; j++) {
+                mean[j] = bn_bwd_mean(b, c0 + j);
+                invstd[j] = bn_bwd_invstd(b, c0 + j);
+                sg[j] = sgx[j] = 0;
             }
-            bn_bwd_param_grads(b, c, sg, sgx, invstd);
+            if (need_sums) {
+                for (int64_t o = 0; o < g->outer; o++)
+                    for (int64_t j = 0; j < nc; j++) {
+                        int64_t p = o * g->C + c0 + j;
+                        const uint8_t *mask = a->relu_mask ? (const uint8_t *)a->relu_mask + p * b->mask_stride : NULL;
+                        b->k->seg_bwd_reduce(bn_at(a->x, p * g->inner, g->esize), bn_at(a->dy, p * g->inner, g->esize),
+                                             mask, g->inner, mean[j], &sg[j], &sgx[j]);
+                    }
+                for (int64_t j = 0; j < nc; j++) bn_bwd_param_grads(b, c0 + j, sg[j], sgx[j], invstd[j]);
+            }
+            if (a->dx || a->daddend) {
+                for (int64_t j = 0; j < nc; j++) bn_bwd_coefs(b, c0 + j, sg[j], sgx[j], invstd[j], &k1[j], &k2[j], &k3[j]);
+                for (int64_t o = g->outer - 1; o >= 0; o--) {
+                    const int64_t p0 = o * g->C + c0;
+                    if (run_bytes) { /* small planes: stage the run of dx (and daddend), stream it whole */
+                        const int64_t off = p0 * g->inner * (int64_t)g->esize;
+                        for (int64_t j = nc - 1; j >= 0; j--)
+                            bn_bwd_apply_plane_to(b, p0 + j, a->dx ? sdx + j * run_bytes : NULL,
+                                                  a->daddend ? sda + j * run_bytes : NULL, 0, mean[j], k1[j], k2[j],
+                                                  k3[j]);
+                        if (a->dx) bn_stream_copy((char *)a->dx + off, sdx, (size_t)nc * run_bytes);
+                        if (a->daddend && a->relu_mask)
+                            bn_stream_copy((char *)a->daddend + off, sda, (size_t)nc * run_bytes);
+                    } else {
+                        for (int64_t j = nc - 1; j >= 0; j--)
+                            bn_bwd_apply_plane(b, p0 + j, mean[j], k1[j], k2[j], k3[j]);
+                    }
+                }
+            }
         }
-        if (a->dx || a->daddend) {
-            double k1, k2, k3;
-            bn_bwd_coefs(b, c, sg, sgx, invstd, &k1, &k2, &k3);
-            for (int64_t o = 0; o < g->outer; o++) bn_bwd_apply_plane(b, o * g->C + c, mean, k1, k2, k3);
-        }
+        if (run_bytes) bn_stream_fence();
     }
 }
 
@@ -567,9 +704,27 @@ static void bn_bwd_apply_split(const bn_bwd_ctx *b, int nt, const double *mean, 
         int64_t lo, hi;
         if (g->planes) {
             bn_range(g->outer * C, t, nt, &lo, &hi);
-            for (int64_t p = lo; p < hi; p++) {
-                int64_t c = p % C;
-                bn_bwd_apply_plane(b, p, mean[c], k1[c], k2[c], k3[c]);
+            const size_t pb = bn_stage_plane_bytes(g, 1, b->stream);
+            if (pb) { /* small planes: consecutive planes are staged and streamed as one run */
+                BN_ALIGN64 unsigned char sdx[BN_STAGE_BYTES], sda[BN_STAGE_BYTES];
+                const int64_t k = (int64_t)(BN_STAGE_BYTES / pb);
+                const int wda = a->daddend && a->relu_mask;
+                for (int64_t p0 = lo; p0 < hi; p0 += k) {
+                    const int64_t np = hi - p0 < k ? hi - p0 : k;
+                    for (int64_t j = 0; j < np; j++) {
+                        int64_t c = (p0 + j) % C;
+                        bn_bwd_apply_plane_to(b, p0 + j, a->dx ? sdx + j * pb : NULL, wda ? sda + j * pb : NULL, 0,
+                                              mean[c], k1[c], k2[c], k3[c]);
+                    }
+                    if (a->dx) bn_stream_copy((char *)a->dx + p0 * (int64_t)pb, sdx, (size_t)np * pb);
+                    if (wda) bn_stream_copy((char *)a->daddend + p0 * (int64_t)pb, sda, (size_t)np * pb);
+                }
+                bn_stream_fence();
+            } else {
+                for (int64_t p = lo; p < hi; p++) {
+                    int64_t c = p % C;
+                    bn_bwd_apply_plane(b, p, mean[c], k1[c], k2[c], k3[c]);
+                }
             }
         } else {
             bn_range(g->outer, t, nt, &lo, &hi);
@@ -579,7 +734,7 @@ static void bn_bwd_apply_split(const bn_bwd_ctx *b, int nt, const double *mean, 
             b->k->rows_bwd_apply(bn_at(a->x, off, es), bn_at(a->dy, off, es), mask, b->mask_stride,
                                  a->dx ? (char *)a->dx + off * (int64_t)es : NULL,
                                  a->daddend ? (char *)a->daddend + off * (int64_t)es : NULL, hi - lo, C, ka_mean,
-                                 ka_mlo, ka1, ka2, ka3);
+                                 ka_mlo, ka1, ka2, ka3, b->stream);
         }
     }
 }
@@ -618,6 +773,7 @@ bnorm_status bnorm_backward(const bnorm_backward_args *a) {
     b.pd = bnorm_param_dtype(a->desc.dtype);
     b.dbl = a->desc.dtype == BNORM_DTYPE_F64;
     b.mask_stride = bn_mask_stride(&b.g);
+    b.stream = (double)b.g.numel * (double)b.g.esize >= BN_STREAM_MIN_BYTES;
     b.n_total = (double)b.g.m;
     const bn_geom *g = &b.g;
     const int64_t C = g->C;
@@ -650,7 +806,8 @@ bnorm_status bnorm_backward(const bnorm_backward_args *a) {
         /* payload: local count, then the two sums; the global count is their sum */
         size_t cnt = BN_HDR + 1 + 2 * (size_t)C;
         double *send = bn_take(&ar, cnt), *recv = bn_take(&ar, cnt * (size_t)comm->size);
-        bn_fill_header(send, BN_OP_BACKWARD, &a->desc, a->relu_mask ? 1 : 0);
+        /* no pointer-presence flags: a rank with an empty batch may pass NULL buffers */
+        bn_fill_header(send, BN_OP_BACKWARD, &a->desc, 0);
         send[BN_HDR] = (double)g->m;
         for (int64_t c = 0; c < C; c++) {
             send[BN_HDR + 1 + c] = sg[c];

@@ -3,13 +3,14 @@
  * instruction set with BN_ISA set to scalar, avx2 or avx512 (and the matching -m flags), giving the
  * tables bn_kernels_scalar, bn_kernels_avx2, bn_kernels_avx512.
  *
- * float16: with F16C (the AVX2 and AVX-512 builds) the compiler's _Float16 conversions become
- * vcvtph2ps/vcvtps2ph, which round exactly as IEEE says; the scalar build uses the exact software
- * conversion of half.c. bfloat16: integer shifts and round-to-nearest-even in integer SIMD in every
+ * float16: exact branch-free conversions written with integer and float selects (below), which
+ * vectorize in every build (the compiler's _Float16 conversions did not vectorize with GCC 12 and cost
+ * a library call per element). bfloat16: integer shifts and round-to-nearest-even in integer SIMD in every
  * build. AVX512-BF16's vcvtneps2bf16 is deliberately not used: it flushes subnormal inputs to zero,
  * which would break bit-exactness with the scalar reference.
  */
 #include "kernels.h"
+#include "simd.h"
 
 #ifndef BN_ISA
 #error "compile kernels.c with -DBN_ISA=scalar|avx2|avx512"
@@ -58,16 +59,37 @@ static inline uint16_t bn_bf16_st(float f) {
 #undef KST
 #undef KN
 
-/* float16 */
-#if defined(__F16C__) && defined(__FLT16_MAX__)
-#define KT _Float16
-#define KLD(v) ((float)(v))
-#define KST(a) ((_Float16)(a))
-#else
+/* float16: branch-free exact conversions (selects instead of branches, so the loops vectorize in
+ * every build; the results are bit-identical to half.c's bn_f16_to_f32 / bn_f32_to_f16). */
+static inline float bn_u2f(uint32_t u) {
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+static inline uint32_t bn_f2u(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return u;
+}
+static inline float bn_f16_ld(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, em = h & 0x7fffu, man = h & 0x3ffu;
+    /* normal and subnormal: the bits shifted into a float, times 2^112, exactly */
+    uint32_t fin = bn_f2u(bn_u2f(em << 13) * 0x1p112f);
+    uint32_t infnan = 0x7f800000u | (man ? 0x400000u | (man << 13) : 0u); /* NaN quieted, payload kept */
+    return bn_u2f(sign | (em >= 0x7c00u ? infnan : fin));
+}
+static inline uint16_t bn_f16_st(float f) {
+    uint32_t u = bn_f2u(f), sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
+    uint32_t rn = (a + 0xfffu + ((a >> 13) & 1u) - 0x38000000u) >> 13;     /* normal: nearest even at bit 13 */
+    uint32_t rs = bn_f2u(bn_u2f(a) + 0.5f) - 0x3f000000u;                  /* subnormal: units of 2^-24 */
+    uint32_t r = a < 0x38800000u ? rs : rn;
+    r = a >= 0x477ff000u ? 0x7c00u : r;                                     /* rounds to >= 65520: Inf */
+    r = a > 0x7f800000u ? (0x7e00u | ((a >> 13) & 0x3ffu)) : r;             /* NaN */
+    return (uint16_t)(sign | r);
+}
 #define KT uint16_t
-#define KLD(v) bn_f16_to_f32(v)
-#define KST(a) bn_f32_to_f16(a)
-#endif
+#define KLD(v) bn_f16_ld(v)
+#define KST(a) bn_f16_st(a)
 #define KA float
 #define KN(name) name##_f16
 #include "kernel_impl.h"

@@ -8,6 +8,8 @@
  * double for F64. Means come as hi + lo pairs (double arguments are split inside; arrays come as two
  * arrays) so that x - mean is accurate even when the mean is large. Accumulators are always double. Masks hold one bit per element, a plane or a row
  * starting on a byte (row r of a rows kernel at mask + r * mstride).
+ * `stream` (apply kernels): write the outputs with non-temporal stores (large tensors whose output is
+ * not re-read soon); any alignment works, results are identical either way.
  */
 #ifndef BNORM_CPU_KERNELS_H
 #define BNORM_CPU_KERNELS_H
@@ -20,26 +22,26 @@ typedef struct bn_kernels {
     /* y = (x - mean) * scale + shift [+ add]; relu: y = max(z, 0) with NaN kept; mask (if not NULL)
      * bit = z > 0. */
     void (*seg_apply)(const void *x, void *y, const void *add, uint8_t *mask, int64_t n, double mean,
-                      double scale, double shift, int relu);
+                      double scale, double shift, int relu, int stream);
     /* g = dy [* mask bit]; *sg += sum g; *sgx += sum g * (x - mean). */
     void (*seg_bwd_reduce)(const void *x, const void *dy, const uint8_t *mask, int64_t n, double mean,
                            double *sg, double *sgx);
     /* g = dy [* mask bit]; dadd = g (if not NULL); dx = g * k1 - k2 - (x - mean) * k3 (if not NULL). */
     void (*seg_bwd_apply)(const void *x, const void *dy, const uint8_t *mask, void *dx, void *dadd,
-                          int64_t n, double mean, double k1, double k2, double k3);
+                          int64_t n, double mean, double k1, double k2, double k3, int stream);
     /* acc[c] += sum over rows of x[r][c]. */
     void (*rows_sum)(const void *x, int64_t rows, int64_t C, double *acc);
     /* s1[c] += sum (x - ref[c]), s2[c] += sum (x - ref[c])^2; ref of compute type. */
     void (*rows_dev)(const void *x, int64_t rows, int64_t C, const void *ref, double *s1, double *s2);
     void (*rows_apply)(const void *x, void *y, const void *add, uint8_t *mask, int64_t mstride,
                        int64_t rows, int64_t C, const void *mean, const void *mean_lo, const void *scale,
-                       const void *shift, int relu);
+                       const void *shift, int relu, int stream);
     void (*rows_bwd_reduce)(const void *x, const void *dy, const uint8_t *mask, int64_t mstride,
                             int64_t rows, int64_t C, const void *mean, const void *mean_lo, double *sg,
                             double *sgx);
     void (*rows_bwd_apply)(const void *x, const void *dy, const uint8_t *mask, int64_t mstride, void *dx,
                            void *dadd, int64_t rows, int64_t C, const void *mean, const void *mean_lo,
-                           const void *k1, const void *k2, const void *k3);
+                           const void *k1, const void *k2, const void *k3, int stream);
     /* Storage <-> float32 conversion of n values (identity copies for F32; NULL for F64). */
     void (*to_f32)(const void *src, float *dst, int64_t n);
     void (*from_f32)(const float *src, void *dst, int64_t n);

@@ -115,6 +115,7 @@ static bnorm_status bn_grow(const char *F, void **p, size_t *cap, size_t need) {
     if (need <= *cap) return BNORM_STATUS_OK;
     void *q = malloc(need);
     if (!q) return bn_fail(BNORM_STATUS_OUT_OF_MEMORY, F, "cannot allocate %zu bytes", need);
+    if (*p) memcpy(q, *p, *cap); /* a forward that fails later must not lose the last forward's mask */
     free(*p);
     *p = q;
     *cap = need;
@@ -182,7 +183,7 @@ bnorm_status bnorm_layer_forward(bnorm_layer *l, const bnorm_desc *desc, const v
         a.running_var = l->running_var;
     }
     st = bnorm_forward(&a);
-    if (st) return st;
+    if (st) return bn_error_reprefix(F, st);
     if (update) l->num_batches_tracked++;
     if (!batch_stats) { /* the backward treats the running statistics as constants */
         for (int64_t c = 0; c < C; c++) {
@@ -230,7 +231,7 @@ bnorm_status bnorm_layer_backward(bnorm_layer *l, const bnorm_desc *desc, const 
                              .dbias = param_grads ? l->bias_grad : NULL, .accumulate = 1, .comm = comm,
                              .reduce_param_grads = l->reduce_param_grads, .workspace = l->workspace,
                              .workspace_size = l->workspace_cap};
-    return bnorm_backward(&a);
+    return bn_error_reprefix(F, bnorm_backward(&a));
 }
 
 bnorm_status bnorm_layer_reset_running_stats(bnorm_layer *l) {

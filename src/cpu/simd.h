@@ -1,0 +1,110 @@
+/*
+ * simd.h - the few operations the kernels cannot express as portable `omp simd` loops, each with one
+ * definition per instruction set (chosen by the compiler flags kernels.c is built with: __AVX512F__,
+ * __AVX2__, or neither for the portable build). kernel_impl.h is written once against these:
+ *
+ *   bn_stream_copy(dst, src, bytes)   copies a staged chunk to its destination with non-temporal
+ *                                     (streaming) stores for the 64-byte-aligned middle and ordinary
+ *                                     stores for a misaligned head/tail; any alignment works.
+ *   bn_stream_fence()                 orders the streaming stores before the caller returns.
+ *   bn_gt0_bits_f32/_f64(z, n, bits) bit j of bits = (z[j] > 0), n values, ceil(n/8) bytes written
+ *                                     (the unused high bits of the last byte are 0).
+ *   bn_bits_to_u8(bits, n, out)       out[j] = bit j of bits (0 or 1), n values.
+ *
+ * Every definition gives identical results (they only move or compare values).
+ */
+#ifndef BNORM_CPU_SIMD_H
+#define BNORM_CPU_SIMD_H
+
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+static inline void bn_stream_copy(void *dstv, const void *srcv, size_t bytes) {
+    char *dst = (char *)dstv;
+    const char *src = (const char *)srcv;
+#if defined(__AVX512F__) || defined(__AVX2__)
+    size_t head = (size_t)(-(uintptr_t)dst & 63);
+    if (head > bytes) head = bytes;
+    memcpy(dst, src, head);
+    dst += head, src += head, bytes -= head;
+    size_t body = bytes & ~(size_t)63;
+    for (size_t i = 0; i < body; i += 64) {
+#if defined(__AVX512F__)
+        _mm512_stream_si512((__m512i *)(void *)(dst + i), _mm512_loadu_si512((const void *)(src + i)));
+#else
+        _mm256_stream_si256((__m256i *)(void *)(dst + i), _mm256_loadu_si256((const __m256i *)(const void *)(src + i)));
+        _mm256_stream_si256((__m256i *)(void *)(dst + i + 32),
+                            _mm256_loadu_si256((const __m256i *)(const void *)(src + i + 32)));
+#endif
+    }
+    memcpy(dst + body, src + body, bytes - body);
+#else
+    memcpy(dst, src, bytes);
+#endif
+}
+
+static inline void bn_stream_fence(void) {
+#if defined(__AVX512F__) || defined(__AVX2__)
+    _mm_sfence();
+#endif
+}
+
+static inline void bn_gt0_bits_f32(const float *z, int64_t n, uint8_t *bits) {
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    for (; i + 16 <= n; i += 16) {
+        __mmask16 k = _mm512_cmp_ps_mask(_mm512_loadu_ps(z + i), _mm512_setzero_ps(), _CMP_GT_OQ);
+        bits[i >> 3] = (uint8_t)(k & 0xff);
+        bits[(i >> 3) + 1] = (uint8_t)(k >> 8);
+    }
+#elif defined(__AVX2__)
+    for (; i + 8 <= n; i += 8)
+        bits[i >> 3] = (uint8_t)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(z + i), _mm256_setzero_ps(), _CMP_GT_OQ));
+#endif
+    for (; i < n; i += 8) {
+        unsigned b = 0;
+        for (int64_t j = 0; j < 8 && i + j < n; j++) b |= (unsigned)(z[i + j] > 0.0f) << j;
+        bits[i >> 3] = (uint8_t)b;
+    }
+}
+
+static inline void bn_gt0_bits_f64(const double *z, int64_t n, uint8_t *bits) {
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    for (; i + 8 <= n; i += 8)
+        bits[i >> 3] = (uint8_t)_mm512_cmp_pd_mask(_mm512_loadu_pd(z + i), _mm512_setzero_pd(), _CMP_GT_OQ);
+#endif
+    for (; i < n; i += 8) {
+        unsigned b = 0;
+        for (int64_t j = 0; j < 8 && i + j < n; j++) b |= (unsigned)(z[i + j] > 0.0) << j;
+        bits[i >> 3] = (uint8_t)b;
+    }
+}
+
+static inline void bn_bits_to_u8(const uint8_t *bits, int64_t n, uint8_t *out) {
+    int64_t i = 0;
+#if defined(__AVX512BW__)
+    for (; i + 64 <= n; i += 64) {
+        uint64_t k;
+        memcpy(&k, bits + (i >> 3), 8);
+        _mm512_storeu_si512((void *)(out + i), _mm512_maskz_set1_epi8((__mmask64)k, 1));
+    }
+#endif
+    /* 8 at a time, any ISA: byte j of (b * 0x0101..01) & 0x8040..01 is bit j of b in place j; adding
+       0x7f to each byte carries into its top bit exactly when it is nonzero (no carry across bytes) */
+    for (; i + 8 <= n; i += 8) {
+        uint64_t v = ((uint64_t)bits[i >> 3] * 0x0101010101010101ull) & 0x8040201008040201ull;
+        v = ((v + 0x7f7f7f7f7f7f7f7full) >> 7) & 0x0101010101010101ull;
+        memcpy(out + i, &v, 8);
+    }
+    for (; i < n; i++) out[i] = (uint8_t)((bits[i >> 3] >> (i & 7)) & 1);
+}
+
+/* bits of z > 0 for a compute-type array (float or double) */
+#define BN_GT0_BITS(z, n, bits) _Generic((z), float *: bn_gt0_bits_f32, double *: bn_gt0_bits_f64)((z), (n), (bits))
+
+#endif
