@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 bash scripts/deps.sh demo
 cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >/dev/null
 cmake --build build -j"$(nproc)" --target train_digits >/dev/null
-./build/examples/train_digits --plot build/digits_bn_vs_nobn.png "$@"
+./build/examples/train_digits --plot build/digits_bn_vs_nobn.png --out build/train_digits_state "$@"
