@@ -218,7 +218,8 @@ bnorm_status demo_net_set_training(demo_net *net, int training) {
 }
 
 bnorm_status demo_net_forward(demo_net *net, const float *x, int n, const float **logits) {
-    if (n < 1 || n > net->capacity) return BNORM_STATUS_INVALID_ARGUMENT;
+    /* n = 0 is an empty slice of a distributed batch: synchronized BN layers must still take part */
+    if (n < 0 || n > net->capacity) return BNORM_STATUS_INVALID_ARGUMENT;
     const int H = net->hidden;
     const size_t m = (size_t)n * H;
     const bnorm_desc d = desc2d(n, H);

@@ -53,13 +53,14 @@ void demo_net_destroy(demo_net *net);
 bnorm_status demo_net_set_training(demo_net *net, int training);
 
 /* Forward of n <= capacity rows; *logits points into the network ([n][classes], valid until the next
- * forward). */
+ * forward). n = 0 is allowed for a rank whose slice of a distributed batch is empty: synchronized BN
+ * layers still take part in their collectives (unsynchronized ones write nothing). */
 bnorm_status demo_net_forward(demo_net *net, const float *x, int n, const float **logits);
 
 /* Forward and backward of one batch with softmax cross-entropy. The loss gradient is scaled by
  * grad_scale (1/n for the batch mean; 1/global_n when the batch is one slice of a distributed batch).
- * Every gradient is overwritten. *loss_sum receives the summed (unscaled) loss of the n rows and
- * *correct the number of rows whose arg-max logit is the label. */
+ * Every gradient is overwritten (with zeros when n = 0). *loss_sum receives the summed (unscaled) loss
+ * of the n rows and *correct the number of rows whose arg-max logit is the label. */
 bnorm_status demo_net_forward_backward(demo_net *net, const float *x, const uint8_t *y, int n, float grad_scale,
                                        double *loss_sum, int *correct);
 
