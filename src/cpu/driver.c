@@ -250,6 +250,20 @@ static size_t bn_stage_plane_bytes(const bn_geom *g, int64_t cb, int stream) {
     return plane;
 }
 
+/* Software prefetch of a run of bytes into the cache. The channel schedule reads short runs (a block
+ * of planes per n) at a large stride; the hardware prefetchers stop at 4 KiB page boundaries, so
+ * the run two steps ahead is requested explicitly. */
+static inline void bn_prefetch_run(const void *p, size_t bytes) {
+#if defined(__GNUC__)
+    const char *c = (const char *)p;
+    for (size_t i = 0; i < bytes; i += 64) __builtin_prefetch(c + i, 0, 2);
+#else
+    (void)p;
+    (void)bytes;
+#endif
+}
+enum { BN_PREFETCH_AHEAD = 2 };
+
 /* This thread's share [lo, hi) of C channels inside a parallel region. */
 static void bn_thread_channels(int64_t C, int64_t *lo, int64_t *hi) {
     int t = 0, n = 1;
@@ -277,12 +291,16 @@ static void bn_fwd_channel_schedule(const bn_fwd_ctx *f, int nt) {
         for (int64_t c0 = lo; c0 < hi; c0 += cb) {
             const int64_t nc = hi - c0 < cb ? hi - c0 : cb;
             for (int64_t j = 0; j < nc; j++) mo[j].n = mo[j].mean = mo[j].m2 = 0;
-            for (int64_t o = 0; o < g->outer; o++)
+            for (int64_t o = 0; o < g->outer; o++) {
+                if (o + BN_PREFETCH_AHEAD < g->outer)
+                    bn_prefetch_run(bn_at(a->x, ((o + BN_PREFETCH_AHEAD) * g->C + c0) * g->inner, g->esize),
+                                    (size_t)(nc * g->inner) * g->esize);
                 for (int64_t j = 0; j < nc; j++) {
                     double mu, m2;
                     f->k->seg_stats(bn_at(a->x, (o * g->C + c0 + j) * g->inner, g->esize), g->inner, &mu, &m2);
                     bn_moments_merge(&mo[j], (double)g->inner, mu, m2);
                 }
+            }
             for (int64_t j = 0; j < nc; j++)
                 bn_fwd_finalize_channel(f, c0 + j, mo[j].n, mo[j].mean, mo[j].m2, &scale[j], &shift[j]);
             for (int64_t o = g->outer - 1; o >= 0; o--) {
@@ -326,7 +344,9 @@ static void bn_fwd_partials(const bn_fwd_ctx *f, int nt, double *part, double *g
         } else {
             double *sum = pm2 + C, *s1 = sum + C, *s2 = s1 + C;
             void *ref = s2 + C; /* C values of the compute type */
-            int64_t blk = (int64_t)(65536 / ((size_t)C * g->esize));
+            /* blocks of about 512 KiB: read from DRAM by the first pass, from L2 by the second, and
+               long enough that the per-block merge over C channels costs little */
+            int64_t blk = (int64_t)((512 * 1024) / ((size_t)C * g->esize));
             if (blk < 1) blk = 1;
             bn_range(g->outer, t, nt, &lo, &hi);
             for (int64_t r0 = lo; r0 < hi; r0 += blk) {
@@ -619,13 +639,19 @@ static void bn_bwd_channel_schedule(const bn_bwd_ctx *b, int nt, int need_sums) 
                 sg[j] = sgx[j] = 0;
             }
             if (need_sums) {
-                for (int64_t o = 0; o < g->outer; o++)
+                for (int64_t o = 0; o < g->outer; o++) {
+                    if (o + BN_PREFETCH_AHEAD < g->outer) {
+                        const int64_t pa = ((o + BN_PREFETCH_AHEAD) * g->C + c0) * g->inner;
+                        bn_prefetch_run(bn_at(a->x, pa, g->esize), (size_t)(nc * g->inner) * g->esize);
+                        bn_prefetch_run(bn_at(a->dy, pa, g->esize), (size_t)(nc * g->inner) * g->esize);
+                    }
                     for (int64_t j = 0; j < nc; j++) {
                         int64_t p = o * g->C + c0 + j;
                         const uint8_t *mask = a->relu_mask ? (const uint8_t *)a->relu_mask + p * b->mask_stride : NULL;
                         b->k->seg_bwd_reduce(bn_at(a->x, p * g->inner, g->esize), bn_at(a->dy, p * g->inner, g->esize),
                                              mask, g->inner, mean[j], &sg[j], &sgx[j]);
                     }
+                }
                 for (int64_t j = 0; j < nc; j++) bn_bwd_param_grads(b, c0 + j, sg[j], sgx[j], invstd[j]);
             }
             if (a->dx || a->daddend) {

@@ -1,0 +1,98 @@
+#!/usr/bin/python3
+"""PyTorch side of bnorm_bench: times torch.nn.functional.batch_norm on the cases bnorm_bench asks for.
+
+Usage: torch_bench.py REQUESTS
+REQUESTS holds one case per line:  op layout dtype threads reps warmup d0,d1,...
+  op      fwd_train | fwd_infer | bwd_train | bwd_eval | fused_fwd | fused_bwd
+  layout  cf (contiguous) | cl (channels_last / channels_last_3d; rank 3 uses a transposed (N,L,C) view)
+  dtype   f32 | bf16 | f16
+For each case it prints one line:  RESULT <line index> <median seconds>
+(or SKIP <line index> <reason>). Timing uses time.perf_counter around each call; the median of reps.
+Backward ops call aten's native_batch_norm_backward directly (what autograd runs), so no graph overhead
+is timed; the fused backward is the autograd graph of relu(batch_norm(x) + addend).
+"""
+import statistics
+import sys
+import time
+
+try:
+    import torch
+    import torch.nn.functional as F
+except Exception as e:  # no torch: the bench shows the column as missing
+    print("SKIP all torch-import-failed:%s" % type(e).__name__)
+    sys.exit(0)
+
+DT = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
+
+
+def make(dims, layout, dtype, gen):
+    t = torch.randn(*dims, generator=gen).to(DT[dtype])
+    if layout == "cl":
+        if len(dims) == 4:
+            t = t.contiguous(memory_format=torch.channels_last)
+        elif len(dims) == 5:
+            t = t.contiguous(memory_format=torch.channels_last_3d)
+        elif len(dims) == 3:
+            t = t.transpose(1, 2).contiguous().transpose(1, 2)  # (N,C,L) view of (N,L,C) storage
+    return t
+
+
+def run_case(op, layout, dtype, dims):
+    gen = torch.Generator().manual_seed(1)
+    C = dims[1]
+    x = make(dims, layout, dtype, gen)
+    w = torch.rand(C, generator=gen) + 0.5
+    b = torch.randn(C, generator=gen)
+    rm = torch.zeros(C)
+    rv = torch.ones(C)
+    eps = 1e-5
+    if op == "fwd_train":
+        return lambda: F.batch_norm(x, rm, rv, w, b, True, 0.1, eps)
+    if op == "fwd_infer":
+        return lambda: F.batch_norm(x, rm, rv, w, b, False, 0.1, eps)
+    dy = make(dims, layout, dtype, gen)
+    if op in ("bwd_train", "bwd_eval"):
+        train = op == "bwd_train"
+        _, sm, si = torch.ops.aten.native_batch_norm(x, w, b, rm, rv, True, 0.1, eps)
+        if not train:
+            sm, si = None, None
+        return lambda: torch.ops.aten.native_batch_norm_backward(
+            dy, x, w, rm, rv, sm, si, train, eps, [True, True, True])
+    addend = make(dims, layout, dtype, gen)
+    if op == "fused_fwd":
+        return lambda: torch.relu_(F.batch_norm(x, rm, rv, w, b, True, 0.1, eps).add_(addend))
+    if op == "fused_bwd":
+        xg = x.detach().requires_grad_(True)
+        ag = addend.detach().requires_grad_(True)
+        wg = w.detach().requires_grad_(True)
+        bg = b.detach().requires_grad_(True)
+        out = torch.relu(F.batch_norm(xg, rm, rv, wg, bg, True, 0.1, eps) + ag)
+        return lambda: torch.autograd.grad(out, (xg, ag, wg, bg), dy, retain_graph=True)
+    raise ValueError(op)
+
+
+def main():
+    lines = open(sys.argv[1]).read().splitlines()
+    for i, line in enumerate(lines):
+        f = line.split()
+        if len(f) != 7:
+            continue
+        op, layout, dtype, threads, reps, warm, dims = f
+        dims = [int(d) for d in dims.split(",")]
+        try:
+            torch.set_num_threads(int(threads))
+            fn = run_case(op, layout, dtype, dims)
+            for _ in range(int(warm)):
+                fn()
+            ts = []
+            for _ in range(int(reps)):
+                t0 = time.perf_counter()
+                fn()
+                ts.append(time.perf_counter() - t0)
+            print("RESULT %d %.9e" % (i, statistics.median(ts)), flush=True)
+        except Exception as e:  # unsupported dtype/layout in this PyTorch: reported, not fatal
+            print("SKIP %d %s" % (i, type(e).__name__), flush=True)
+
+
+if __name__ == "__main__":
+    main()
