@@ -7,18 +7,27 @@
 #include <omp.h>
 #endif
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+/* F16C from CPUID leaf 1, ECX bit 29: clang before 16 does not know __builtin_cpu_supports("f16c"). */
+static int bn_has_f16c(void) {
+    unsigned a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
+    return (c >> 29) & 1;
+}
+#endif
+
 static int bn_isa_supported(bnorm_isa isa) {
     switch (isa) {
     case BNORM_ISA_SCALAR: return 1;
 #if defined(BN_HAVE_AVX2) && (defined(__x86_64__) || defined(__i386__))
     case BNORM_ISA_AVX2:
-        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-               __builtin_cpu_supports("f16c");
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && bn_has_f16c();
 #endif
 #if defined(BN_HAVE_AVX512) && (defined(__x86_64__) || defined(__i386__))
     case BNORM_ISA_AVX512:
         return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("f16c");
+               __builtin_cpu_supports("avx512vl") && bn_has_f16c();
 #endif
     default: return 0;
     }
