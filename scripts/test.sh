@@ -26,9 +26,9 @@ echo "== tests under ASan + UBSan =="
 
 echo "== valgrind =="
 vg=(valgrind -q --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite)
-for t in test_errors test_layer test_hard; do
+for t in test_errors test_layer test_hard test_pytorch test_state; do
   [ -x "build/tests/$t" ] || continue
   echo "valgrind $t"
-  BNORM_TEST_QUICK=1 "${vg[@]}" "build/tests/$t" >/dev/null
+  "${vg[@]}" "build/tests/$t" >/dev/null
 done
 echo "all test stages passed"

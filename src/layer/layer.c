@@ -9,9 +9,15 @@
 #include <stdlib.h>
 
 bnorm_layer_options bnorm_layer_options_default(int64_t num_features) {
-    bnorm_layer_options o = {.num_features = num_features, .param_dtype = BNORM_DTYPE_F32, .eps = 1e-5,
-                             .momentum = 0.1, .momentum_mode = BNORM_MOMENTUM_NEW_WEIGHT, .affine = 1,
-                             .track_running_stats = 1, .freeze = 0, .fused_relu = 0};
+    bnorm_layer_options o;
+    memset(&o, 0, sizeof o); /* padding too: callers may compare or hash options bytewise */
+    o.num_features = num_features;
+    o.param_dtype = BNORM_DTYPE_F32;
+    o.eps = 1e-5;
+    o.momentum = 0.1;
+    o.momentum_mode = BNORM_MOMENTUM_NEW_WEIGHT;
+    o.affine = 1;
+    o.track_running_stats = 1;
     return o;
 }
 
