@@ -262,7 +262,7 @@ static void expect_error(const char *what, const char *path, bnorm_layer *l, con
 static void test_bad_files(void) {
     char path[512];
     path_of(path, sizeof path, "bad.safetensors");
-    unsigned char data[64];
+    unsigned char data[64] = {0};
     base_data(data);
     bnorm_layer *l = mk_layer(2, BNORM_DTYPE_F32, 1, 1);
     fill_bits(l);
