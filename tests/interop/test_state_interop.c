@@ -250,7 +250,8 @@ static void write_c_files(const char *data_dir, const char *out) {
         train_steps(l, plan[i].rank, dims, n, 2);
         char fname[64], prefix[64];
         snprintf(fname, sizeof fname, "c_%zu.safetensors", i);
-        snprintf(prefix, sizeof prefix, i % 2 ? "net.block%zu.bn." : "", i);
+        if (i % 2) snprintf(prefix, sizeof prefix, "net.block%zu.bn.", i);
+        else prefix[0] = '\0';
         snprintf(path, sizeof path, "%s/%s", out, fname);
         CHECK_STATUS(bnorm_layer_save(l, path, prefix), BNORM_STATUS_OK);
         double *x = (double *)malloc((size_t)n * sizeof(double)), *y = (double *)malloc((size_t)n * sizeof(double));
