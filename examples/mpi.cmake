@@ -5,16 +5,6 @@
 add_executable(sync_train sync_train.c)
 target_link_libraries(sync_train PRIVATE bnorm_mpi MPI::MPI_C m)
 
-if(NOT DEFINED BNORM_MPIEXEC_FLAGS)
-  set(_bnorm_mpi_flags "")
-  execute_process(COMMAND ${MPIEXEC_EXECUTABLE} --version OUTPUT_VARIABLE _bnorm_mpi_version ERROR_QUIET)
-  if(_bnorm_mpi_version MATCHES "Open MPI|OpenRTE")
-    set(_bnorm_mpi_flags --oversubscribe --allow-run-as-root --bind-to none --mca pml ob1
-                         --mca btl self,tcp --mca btl_tcp_if_include lo --mca oob_tcp_if_include lo)
-  endif()
-  set(BNORM_MPIEXEC_FLAGS "${_bnorm_mpi_flags}" CACHE STRING
-      "Flags for mpiexec in the MPI tests and examples (default: loopback-only OpenMPI flags)")
-endif()
 
 foreach(run "2;" "3;--f32")
   list(GET run 0 np)

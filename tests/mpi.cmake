@@ -3,17 +3,6 @@
 # interface (TCP over lo, no UCX or shared-memory transports, no binding), allow more ranks than cores
 # and running as root (containers, CI); BNORM_MPIEXEC_FLAGS overrides them for another MPI or a cluster.
 if(BNORM_MPI)
-  if(NOT DEFINED BNORM_MPIEXEC_FLAGS)
-    set(_bnorm_mpi_flags "")
-    execute_process(COMMAND ${MPIEXEC_EXECUTABLE} --version OUTPUT_VARIABLE _bnorm_mpi_version
-                    ERROR_QUIET RESULT_VARIABLE _bnorm_mpi_rc)
-    if(_bnorm_mpi_version MATCHES "Open MPI|OpenRTE")
-      set(_bnorm_mpi_flags --oversubscribe --allow-run-as-root --bind-to none --mca pml ob1
-                           --mca btl self,tcp --mca btl_tcp_if_include lo --mca oob_tcp_if_include lo)
-    endif()
-    set(BNORM_MPIEXEC_FLAGS "${_bnorm_mpi_flags}" CACHE STRING
-        "Flags for mpiexec in the MPI tests and examples (default: loopback-only OpenMPI flags)")
-  endif()
 
   add_executable(test_mpi test_mpi.c)
   target_link_libraries(test_mpi PRIVATE bnorm_mpi bnorm_testlib MPI::MPI_C m)
