@@ -29,7 +29,7 @@
  *
  * What is detected (every rank gets the error; nothing is written: outputs, running statistics,
  * saved statistics and the layer's counters are as before the call):
- *   - a rank with a different C, dtype, layout, fused add/ReLU flags, running-statistics tracking, or
+ *   - a rank with a different C, dtype, layout, ReLU flag, running-statistics tracking, or
  *     a rank calling backward while another calls forward: BNORM_STATUS_COMM_MISMATCH naming both
  *     ranks and the field. In one-collective mode a different C changes the size of the data
  *     all-gather, which MPI cannot diagnose (an MPI error, a timeout or undefined behaviour); every
