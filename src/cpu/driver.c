@@ -262,7 +262,9 @@ static inline void bn_prefetch_run(const void *p, size_t bytes) {
     (void)bytes;
 #endif
 }
-enum { BN_PREFETCH_AHEAD = 2 };
+#ifndef BN_PREFETCH_AHEAD /* runs prefetched ahead of the statistics pass (compile-time knob) */
+#define BN_PREFETCH_AHEAD 2
+#endif
 
 /* This thread's share [lo, hi) of C channels inside a parallel region. */
 static void bn_thread_channels(int64_t C, int64_t *lo, int64_t *hi) {
@@ -274,35 +276,54 @@ static void bn_thread_channels(int64_t C, int64_t *lo, int64_t *hi) {
     bn_range(C, t, n, lo, hi);
 }
 
+#ifndef BN_OVERLAP /* 1: statistics of the next block interleaved with the normalization of this one */
+#define BN_OVERLAP 1
+#endif
+
 static void bn_fwd_channel_schedule(const bn_fwd_ctx *f, int nt) {
     const bn_geom *g = &f->g;
     const bnorm_forward_args *a = f->a;
-    const int64_t cb = bn_block_channels(g, 1, f->stream);
+    int64_t cb = bn_block_channels(g, 1, f->stream);
+    /* With the overlap two blocks share the L2 (the one normalized, the next one read): half size.
+     * Only for planes of 2 KiB or more: with small (staged) planes it measured neutral to slower. */
+    const int overlap = BN_OVERLAP && (size_t)g->inner * g->esize >= BN_STAGE_PLANE_MAX;
+    if (overlap && cb > 1) cb /= 2;
     /* Streaming plane by plane would leave partial cache lines at every plane boundary of small planes
      * (each one a read-modify-write in DRAM); such runs are staged and streamed as one piece. */
     const size_t run_bytes = bn_stage_plane_bytes(g, cb, f->stream);
 #pragma omp parallel num_threads(nt)
     {
         BN_ALIGN64 unsigned char stage[BN_STAGE_BYTES];
-        bn_moments mo[BN_BLOCK_MAX];
+        bn_moments mo[BN_BLOCK_MAX], next[BN_BLOCK_MAX];
         double scale[BN_BLOCK_MAX], shift[BN_BLOCK_MAX];
         int64_t lo, hi;
+        int have_next = 0;
         bn_thread_channels(g->C, &lo, &hi);
         for (int64_t c0 = lo; c0 < hi; c0 += cb) {
             const int64_t nc = hi - c0 < cb ? hi - c0 : cb;
-            for (int64_t j = 0; j < nc; j++) mo[j].n = mo[j].mean = mo[j].m2 = 0;
-            for (int64_t o = 0; o < g->outer; o++) {
-                if (o + BN_PREFETCH_AHEAD < g->outer)
-                    bn_prefetch_run(bn_at(a->x, ((o + BN_PREFETCH_AHEAD) * g->C + c0) * g->inner, g->esize),
-                                    (size_t)(nc * g->inner) * g->esize);
-                for (int64_t j = 0; j < nc; j++) {
-                    double mu, m2;
-                    f->k->seg_stats(bn_at(a->x, (o * g->C + c0 + j) * g->inner, g->esize), g->inner, &mu, &m2);
-                    bn_moments_merge(&mo[j], (double)g->inner, mu, m2);
+            if (have_next) { /* gathered while the previous block was normalized */
+                for (int64_t j = 0; j < nc; j++) mo[j] = next[j];
+            } else {
+                for (int64_t j = 0; j < nc; j++) mo[j].n = mo[j].mean = mo[j].m2 = 0;
+                for (int64_t o = 0; o < g->outer; o++) {
+                    if (o + BN_PREFETCH_AHEAD < g->outer)
+                        bn_prefetch_run(bn_at(a->x, ((o + BN_PREFETCH_AHEAD) * g->C + c0) * g->inner, g->esize),
+                                        (size_t)(nc * g->inner) * g->esize);
+                    for (int64_t j = 0; j < nc; j++) {
+                        double mu, m2;
+                        f->k->seg_stats(bn_at(a->x, (o * g->C + c0 + j) * g->inner, g->esize), g->inner, &mu, &m2);
+                        bn_moments_merge(&mo[j], (double)g->inner, mu, m2);
+                    }
                 }
             }
             for (int64_t j = 0; j < nc; j++)
                 bn_fwd_finalize_channel(f, c0 + j, mo[j].n, mo[j].mean, mo[j].m2, &scale[j], &shift[j]);
+            /* the next block: its statistics are read run by run between this block's runs, in plane
+               order (so the merge order, and the results, are those of the plain schedule) */
+            const int64_t c1 = c0 + nc, nc1 = hi - c1 < cb ? hi - c1 : cb;
+            have_next = overlap && nc1 > 0;
+            if (have_next)
+                for (int64_t j = 0; j < nc1; j++) next[j].n = next[j].mean = next[j].m2 = 0;
             for (int64_t o = g->outer - 1; o >= 0; o--) {
                 const int64_t p0 = o * g->C + c0;
                 if (run_bytes) { /* small planes: stage the block's contiguous run, stream it whole */
@@ -312,6 +333,17 @@ static void bn_fwd_channel_schedule(const bn_fwd_ctx *f, int nt) {
                 } else {
                     for (int64_t j = nc - 1; j >= 0; j--)
                         bn_fwd_apply_planes(f, p0 + j, mo[j].mean, scale[j], shift[j]);
+                }
+                if (have_next) {
+                    const int64_t o1 = g->outer - 1 - o;
+                    if (o1 + BN_PREFETCH_AHEAD < g->outer)
+                        bn_prefetch_run(bn_at(a->x, ((o1 + BN_PREFETCH_AHEAD) * g->C + c1) * g->inner, g->esize),
+                                        (size_t)(nc1 * g->inner) * g->esize);
+                    for (int64_t j = 0; j < nc1; j++) {
+                        double mu, m2;
+                        f->k->seg_stats(bn_at(a->x, (o1 * g->C + c1 + j) * g->inner, g->esize), g->inner, &mu, &m2);
+                        bn_moments_merge(&next[j], (double)g->inner, mu, m2);
+                    }
                 }
             }
         }
@@ -344,8 +376,9 @@ static void bn_fwd_partials(const bn_fwd_ctx *f, int nt, double *part, double *g
         } else {
             double *sum = pm2 + C, *s1 = sum + C, *s2 = s1 + C;
             void *ref = s2 + C; /* C values of the compute type */
-            /* blocks of about 512 KiB: read from DRAM by the first pass, from L2 by the second, and
-               long enough that the per-block merge over C channels costs little */
+            /* blocks of about 512 KiB, long enough that the per-block merge over C channels costs
+               little; one shifted pass per block (the shift: the block's first row), or for float64
+               data and blocks with Inf/NaN two passes, the second from L2 */
             int64_t blk = (int64_t)((512 * 1024) / ((size_t)C * g->esize));
             if (blk < 1) blk = 1;
             bn_range(g->outer, t, nt, &lo, &hi);
@@ -353,9 +386,19 @@ static void bn_fwd_partials(const bn_fwd_ctx *f, int nt, double *part, double *g
                 int64_t rows = hi - r0 < blk ? hi - r0 : blk;
                 const char *xb = x + r0 * C * (int64_t)g->esize;
                 for (int64_t c = 0; c < C; c++) sum[c] = s1[c] = s2[c] = 0;
-                f->k->rows_sum(xb, rows, C, sum);
-                for (int64_t c = 0; c < C; c++) bn_ka_set(ref, f->dbl, c, sum[c] / (double)rows);
-                f->k->rows_dev(xb, rows, C, ref, s1, s2);
+                int two_pass = f->dbl;
+                if (!two_pass) { /* one pass shifted by the block's first row (kernel_impl.h) */
+                    f->k->to_f32(xb, (float *)ref, C);
+                    f->k->rows_stats(xb, rows, C, ref, s1, s2);
+                    for (int64_t c = 0; c < C && !two_pass; c++) two_pass = !isfinite(s1[c]) || !isfinite(s2[c]);
+                    if (two_pass)
+                        for (int64_t c = 0; c < C; c++) s1[c] = s2[c] = 0;
+                }
+                if (two_pass) { /* float64 data, or an Inf/NaN in the block: the two-pass path */
+                    f->k->rows_sum(xb, rows, C, sum);
+                    for (int64_t c = 0; c < C; c++) bn_ka_set(ref, f->dbl, c, sum[c] / (double)rows);
+                    f->k->rows_dev(xb, rows, C, ref, s1, s2);
+                }
                 for (int64_t c = 0; c < C; c++) {
                     double r = f->dbl ? ((double *)ref)[c] : (double)((float *)ref)[c];
                     double bm = __builtin_isfinite(r) ? r + s1[c] / (double)rows : r, bm2 = s2[c] - s1[c] * s1[c] / (double)rows;
@@ -622,38 +665,61 @@ static void bn_bwd_apply_plane(const bn_bwd_ctx *b, int64_t p, double mean, doub
 static void bn_bwd_channel_schedule(const bn_bwd_ctx *b, int nt, int need_sums) {
     const bn_geom *g = &b->g;
     const bnorm_backward_args *a = b->a;
-    const int64_t cb = bn_block_channels(g, 2, b->stream);
+    int64_t cb = bn_block_channels(g, 2, b->stream);
+    /* overlap (see the forward): the next block's sums are read between this block's runs */
+    const int overlap = BN_OVERLAP && need_sums && (a->dx || a->daddend) &&
+                        (size_t)g->inner * g->esize >= BN_STAGE_PLANE_MAX;
+    if (overlap && cb > 1) cb /= 2;
     const size_t run_bytes = bn_stage_plane_bytes(g, cb, b->stream);
 #pragma omp parallel num_threads(nt)
     {
         BN_ALIGN64 unsigned char sdx[BN_STAGE_BYTES], sda[BN_STAGE_BYTES];
         double mean[BN_BLOCK_MAX], k1[BN_BLOCK_MAX], k2[BN_BLOCK_MAX], k3[BN_BLOCK_MAX];
         double sg[BN_BLOCK_MAX], sgx[BN_BLOCK_MAX], invstd[BN_BLOCK_MAX];
+        double nmean[BN_BLOCK_MAX], ninvstd[BN_BLOCK_MAX], nsg[BN_BLOCK_MAX], nsgx[BN_BLOCK_MAX];
         int64_t lo, hi;
+        int have_next = 0;
         bn_thread_channels(g->C, &lo, &hi);
         for (int64_t c0 = lo; c0 < hi; c0 += cb) {
             const int64_t nc = hi - c0 < cb ? hi - c0 : cb;
-            for (int64_t j = 0; j < nc; j++) {
-                mean[j] = bn_bwd_mean(b, c0 + j);
-                invstd[j] = bn_bwd_invstd(b, c0 + j);
-                sg[j] = sgx[j] = 0;
-            }
-            if (need_sums) {
-                for (int64_t o = 0; o < g->outer; o++) {
-                    if (o + BN_PREFETCH_AHEAD < g->outer) {
-                        const int64_t pa = ((o + BN_PREFETCH_AHEAD) * g->C + c0) * g->inner;
-                        bn_prefetch_run(bn_at(a->x, pa, g->esize), (size_t)(nc * g->inner) * g->esize);
-                        bn_prefetch_run(bn_at(a->dy, pa, g->esize), (size_t)(nc * g->inner) * g->esize);
-                    }
-                    for (int64_t j = 0; j < nc; j++) {
-                        int64_t p = o * g->C + c0 + j;
-                        const uint8_t *mask = a->relu_mask ? (const uint8_t *)a->relu_mask + p * b->mask_stride : NULL;
-                        b->k->seg_bwd_reduce(bn_at(a->x, p * g->inner, g->esize), bn_at(a->dy, p * g->inner, g->esize),
-                                             mask, g->inner, mean[j], &sg[j], &sgx[j]);
-                    }
+            if (have_next) { /* sums gathered while the previous block was written */
+                for (int64_t j = 0; j < nc; j++) {
+                    mean[j] = nmean[j];
+                    invstd[j] = ninvstd[j];
+                    sg[j] = nsg[j];
+                    sgx[j] = nsgx[j];
                 }
-                for (int64_t j = 0; j < nc; j++) bn_bwd_param_grads(b, c0 + j, sg[j], sgx[j], invstd[j]);
+            } else {
+                for (int64_t j = 0; j < nc; j++) {
+                    mean[j] = bn_bwd_mean(b, c0 + j);
+                    invstd[j] = bn_bwd_invstd(b, c0 + j);
+                    sg[j] = sgx[j] = 0;
+                }
+                if (need_sums)
+                    for (int64_t o = 0; o < g->outer; o++) {
+                        if (o + BN_PREFETCH_AHEAD < g->outer) {
+                            const int64_t pa = ((o + BN_PREFETCH_AHEAD) * g->C + c0) * g->inner;
+                            bn_prefetch_run(bn_at(a->x, pa, g->esize), (size_t)(nc * g->inner) * g->esize);
+                            bn_prefetch_run(bn_at(a->dy, pa, g->esize), (size_t)(nc * g->inner) * g->esize);
+                        }
+                        for (int64_t j = 0; j < nc; j++) {
+                            int64_t p = o * g->C + c0 + j;
+                            const uint8_t *mask = a->relu_mask ? (const uint8_t *)a->relu_mask + p * b->mask_stride : NULL;
+                            b->k->seg_bwd_reduce(bn_at(a->x, p * g->inner, g->esize), bn_at(a->dy, p * g->inner, g->esize),
+                                                 mask, g->inner, mean[j], &sg[j], &sgx[j]);
+                        }
+                    }
             }
+            if (need_sums)
+                for (int64_t j = 0; j < nc; j++) bn_bwd_param_grads(b, c0 + j, sg[j], sgx[j], invstd[j]);
+            const int64_t c1 = c0 + nc, nc1 = hi - c1 < cb ? hi - c1 : cb;
+            have_next = overlap && nc1 > 0;
+            if (have_next)
+                for (int64_t j = 0; j < nc1; j++) {
+                    nmean[j] = bn_bwd_mean(b, c1 + j);
+                    ninvstd[j] = bn_bwd_invstd(b, c1 + j);
+                    nsg[j] = nsgx[j] = 0;
+                }
             if (a->dx || a->daddend) {
                 for (int64_t j = 0; j < nc; j++) bn_bwd_coefs(b, c0 + j, sg[j], sgx[j], invstd[j], &k1[j], &k2[j], &k3[j]);
                 for (int64_t o = g->outer - 1; o >= 0; o--) {
@@ -670,6 +736,15 @@ static void bn_bwd_channel_schedule(const bn_bwd_ctx *b, int nt, int need_sums) 
                     } else {
                         for (int64_t j = nc - 1; j >= 0; j--)
                             bn_bwd_apply_plane(b, p0 + j, mean[j], k1[j], k2[j], k3[j]);
+                    }
+                    if (have_next) { /* the next block's sums, in plane order */
+                        const int64_t o1 = g->outer - 1 - o;
+                        for (int64_t j = 0; j < nc1; j++) {
+                            int64_t p = o1 * g->C + c1 + j;
+                            const uint8_t *mask = a->relu_mask ? (const uint8_t *)a->relu_mask + p * b->mask_stride : NULL;
+                            b->k->seg_bwd_reduce(bn_at(a->x, p * g->inner, g->esize), bn_at(a->dy, p * g->inner, g->esize),
+                                                 mask, g->inner, nmean[j], &nsg[j], &nsgx[j]);
+                        }
                     }
                 }
             }

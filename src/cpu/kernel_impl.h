@@ -20,6 +20,13 @@
 #ifndef BN_ACC_DEFINED
 #define BN_ACC_DEFINED
 enum { BN_ACC = 32 };
+/* acc + d * d with one rounding where the target has FMA (the build is ISO C, which does not
+ * contract a * b + c on its own); a plain multiply-add in the scalar build. */
+#if defined(__FMA__) && defined(__GNUC__)
+#define BN_SQ_ACC(acc, d) ((acc) = __builtin_fma((d), (d), (acc)))
+#else
+#define BN_SQ_ACC(acc, d) ((acc) += (d) * (d))
+#endif
 /* Pairwise total of the partials (destroys v): a fixed tree, vectorized. */
 static inline double bn_acc_total(double *v) {
     for (int w = BN_ACC / 2; w >= 1; w /= 2) {
@@ -31,9 +38,9 @@ static inline double bn_acc_total(double *v) {
 #endif
 
 /* Two-pass moments with the compensating term s1 (Chan, Golub & LeVeque's corrected two-pass):
- * m2 = sum (x - r)^2 - (sum (x - r))^2 / n stays exact even though r is the rounded mean. */
-static void KN(seg_stats)(const void *xv, int64_t n, double *mean, double *m2) {
-    const KT *x = (const KT *)xv;
+ * m2 = sum (x - r)^2 - (sum (x - r))^2 / n stays exact even though r is the rounded mean. Used for
+ * float64 data and as the fallback of the one-pass seg_stats below. */
+static void KN(seg_stats2)(const KT *x, int64_t n, double *mean, double *m2) {
     /* short planes (7x7, 14x14) go straight to the single-accumulator loops: less fixed cost */
     const int64_t nb = n < 4 * BN_ACC ? 0 : n - n % BN_ACC;
     double v0[BN_ACC], v1[BN_ACC], v2[BN_ACC];
@@ -63,6 +70,56 @@ static void KN(seg_stats)(const void *xv, int64_t n, double *mean, double *m2) {
         s2 += d * d;
     }
     *mean = __builtin_isfinite((double)r) ? (double)r + s1 / (double)n : (double)r; /* +-Inf: the mean is that Inf */
+    *m2 = s2 - s1 * s1 / (double)n;
+    if (*m2 < 0) *m2 = 0;
+}
+
+/* Moments of a plane in one pass (float32/float16/bfloat16 data; float64 data keep the two passes).
+ * With the shift K = x[0], every value is read once: d = x - K is formed in double (float32 values
+ * have 24-bit significands, so the difference is exact unless the two are more than 2^29 apart, and
+ * then it is off by at most 2^-53 of itself), s1 = sum d and s2 = sum d^2 are accumulated in double,
+ * and mean = K + s1 / n, m2 = s2 - s1^2 / n.
+ * Why this is accurate, unlike the unshifted E[x^2] - E[x]^2 that the numerics contract forbids: the
+ * subtraction s2 - s1^2 / n cancels (mean - K)^2 against the variance, not mean^2. Since
+ * s2 = m2 + n (mean - K)^2, it loses a factor s2 / m2 = 1 + n (mean - K)^2 / m2 of relative accuracy.
+ * K is one of the n values, so (K - mean)^2 <= sum (x - mean)^2 = m2 and that factor is at most 1 + n
+ * whatever the data: accumulated in double (2^-53), m2 keeps a relative accuracy of about
+ * (n + 1) 2^-52 even in the worst case (an outlier as K), far inside float32's 2^-24 for any plane.
+ * For ordinary data K lies within a few standard deviations of the mean and the factor is a few
+ * units: 1e6 + N(0,1) loses nothing, where the unshifted form would cancel 1e12 against 1.
+ * Non-finite sums (an Inf or NaN anywhere, K included, or an overflow) are recomputed by the two-pass
+ * path, so those planes get exactly the results they had before. */
+static void KN(seg_stats)(const void *xv, int64_t n, double *mean, double *m2) {
+    const KT *x = (const KT *)xv;
+    if (sizeof(KA) > sizeof(float)) {
+        KN(seg_stats2)(x, n, mean, m2);
+        return;
+    }
+    const double k = (double)KLD(x[0]);
+    const int64_t nb = n < 4 * BN_ACC ? 0 : n - n % BN_ACC;
+    double v1[BN_ACC], v2[BN_ACC];
+    if (nb)
+        for (int j = 0; j < BN_ACC; j++) v1[j] = v2[j] = 0;
+    for (int64_t i = 0; i < nb; i += BN_ACC) {
+#pragma omp simd
+        for (int j = 0; j < BN_ACC; j++) {
+            double d = (double)KLD(x[i + j]) - k;
+            v1[j] += d;
+            BN_SQ_ACC(v2[j], d);
+        }
+    }
+    double s1 = nb ? bn_acc_total(v1) : 0.0, s2 = nb ? bn_acc_total(v2) : 0.0;
+#pragma omp simd reduction(+ : s1, s2)
+    for (int64_t i = nb; i < n; i++) {
+        double d = (double)KLD(x[i]) - k;
+        s1 += d;
+        BN_SQ_ACC(s2, d);
+    }
+    if (!__builtin_isfinite(s2) || !__builtin_isfinite(s1)) { /* also catches a non-finite K */
+        KN(seg_stats2)(x, n, mean, m2);
+        return;
+    }
+    *mean = k + s1 / (double)n;
     *m2 = s2 - s1 * s1 / (double)n;
     if (*m2 < 0) *m2 = 0;
 }
@@ -267,6 +324,81 @@ static void KN(rows_dev)(const void *xv, int64_t rows, int64_t C, const void *re
     }
 }
 
+/* Row kernels keep a block of BN_RB channels' double accumulators in registers across a group of
+ * rows (channel block outer, rows inner) instead of loading and storing accumulator arrays for every
+ * row. A group is a contiguous piece of about BN_RG_BYTES (it stays in L1 while its channel blocks
+ * are swept); the next group is prefetched while one is processed. */
+#ifndef BN_RB_DEFINED
+#define BN_RB_DEFINED
+enum { BN_RB = 16, BN_RG_BYTES = 16 * 1024 };
+#ifndef BN_ROWS_REGBLOCK /* 0: the per-row accumulator loops (kept for comparisons in the benchmark) */
+#define BN_ROWS_REGBLOCK 1
+#endif
+static inline int64_t bn_row_group(int64_t C, size_t esize) {
+    int64_t rg = (int64_t)(BN_RG_BYTES / ((size_t)C * esize));
+    return rg < 4 ? 4 : rg;
+}
+static inline void bn_prefetch_bytes(const void *p, size_t bytes) {
+#if defined(__GNUC__)
+    const char *c = (const char *)p;
+    for (size_t i = 0; i < bytes; i += 64) __builtin_prefetch(c + i, 0, 3);
+#else
+    (void)p;
+    (void)bytes;
+#endif
+}
+#endif
+
+/* Shifted single-pass sums over rows (float32/16/bf16 data; see seg_stats for the accuracy argument,
+ * which needs k[c] to be one of the values of channel c: the caller passes the block's first row):
+ * s1[c] += sum (x - k[c]), s2[c] += sum (x - k[c])^2, in double. The caller checks the sums are
+ * finite and otherwise redoes the block with rows_sum + rows_dev. */
+static void KN(rows_stats)(const void *xv, int64_t rows, int64_t C, const void *kv, double *s1, double *s2) {
+    const KT *x = (const KT *)xv;
+    const KA *k = (const KA *)kv;
+    const int64_t cfull = C - C % BN_RB, rg = bn_row_group(C, sizeof(KT));
+    for (int64_t r0 = 0; r0 < rows; r0 += rg) {
+        const int64_t nr = rows - r0 < rg ? rows - r0 : rg;
+        const KT *xg = x + r0 * C;
+        if (r0 + nr < rows) {
+            const int64_t nn = rows - r0 - nr < rg ? rows - r0 - nr : rg;
+            bn_prefetch_bytes(xg + nr * C, (size_t)(nn * C) * sizeof(KT));
+        }
+        for (int64_t c0 = 0; c0 < cfull; c0 += BN_RB) {
+            double a1[BN_RB], a2[BN_RB], kk[BN_RB];
+#pragma omp simd
+            for (int j = 0; j < BN_RB; j++) {
+                a1[j] = a2[j] = 0;
+                kk[j] = (double)k[c0 + j];
+            }
+            for (int64_t r = 0; r < nr; r++) {
+                const KT *xr = xg + r * C + c0;
+#pragma omp simd
+                for (int j = 0; j < BN_RB; j++) {
+                    double d = (double)KLD(xr[j]) - kk[j];
+                    a1[j] += d;
+                    BN_SQ_ACC(a2[j], d);
+                }
+            }
+#pragma omp simd
+            for (int j = 0; j < BN_RB; j++) {
+                s1[c0 + j] += a1[j];
+                s2[c0 + j] += a2[j];
+            }
+        }
+        if (cfull < C)
+            for (int64_t r = 0; r < nr; r++) {
+                const KT *xr = xg + r * C;
+#pragma omp simd
+                for (int64_t c = cfull; c < C; c++) {
+                    double d = (double)KLD(xr[c]) - (double)k[c];
+                    s1[c] += d;
+                    BN_SQ_ACC(s2[c], d);
+                }
+            }
+    }
+}
+
 static void KN(rows_apply)(const void *xv, void *yv, const void *addv, uint8_t *mask, int64_t mstride,
                            int64_t rows, int64_t C, const void *meanv, const void *mlov,
                            const void *scalev, const void *shiftv, int relu, int stream) {
@@ -311,12 +443,21 @@ static void KN(rows_apply)(const void *xv, void *yv, const void *addv, uint8_t *
     if (stream) bn_stream_fence();
 }
 
+static void KN(rows_bwd_reduce_rb)(const void *xv, const void *dyv, int64_t rows, int64_t C, const void *meanv,
+                                   const void *mlov, double *sg, double *sgx);
+
 static void KN(rows_bwd_reduce)(const void *xv, const void *dyv, const uint8_t *mask, int64_t mstride,
                                 int64_t rows, int64_t C, const void *meanv, const void *mlov, double *sg,
                                 double *sgx) {
     const KA *mean = (const KA *)meanv, *mlo = (const KA *)mlov;
     uint8_t m[BN_CHUNK];
     KA gm[BN_CHUNK];
+    /* register blocking pays only when a group holds many rows (narrow rows); with wide rows
+       (C = 1024: 4 rows per group) the per-row sweep measured faster */
+    if (BN_ROWS_REGBLOCK && !mask && C >= BN_RB && bn_row_group(C, 2 * sizeof(KT)) >= 16) {
+        KN(rows_bwd_reduce_rb)(xv, dyv, rows, C, meanv, mlov, sg, sgx);
+        return;
+    }
     for (int64_t r = 0; r < rows; r++) {
         const KT *xr = (const KT *)xv + r * C, *gr = (const KT *)dyv + r * C;
         if (mask) {
@@ -343,6 +484,58 @@ static void KN(rows_bwd_reduce)(const void *xv, const void *dyv, const uint8_t *
                 sgx[c] += g * (double)(KLD(xr[c]) - mean[c] - mlo[c]);
             }
         }
+    }
+}
+
+/* The unmasked backward reduce with register-blocked accumulators (see rows_stats): same sums as
+ * rows_bwd_reduce without a mask, in a different order. */
+static void KN(rows_bwd_reduce_rb)(const void *xv, const void *dyv, int64_t rows, int64_t C, const void *meanv,
+                                   const void *mlov, double *sg, double *sgx) {
+    const KT *x = (const KT *)xv, *dy = (const KT *)dyv;
+    const KA *mean = (const KA *)meanv, *mlo = (const KA *)mlov;
+    const int64_t cfull = C - C % BN_RB, rg = bn_row_group(C, 2 * sizeof(KT));
+    for (int64_t r0 = 0; r0 < rows; r0 += rg) {
+        const int64_t nr = rows - r0 < rg ? rows - r0 : rg;
+        const KT *xg = x + r0 * C, *gg = dy + r0 * C;
+        if (r0 + nr < rows) {
+            const int64_t nn = rows - r0 - nr < rg ? rows - r0 - nr : rg;
+            bn_prefetch_bytes(xg + nr * C, (size_t)(nn * C) * sizeof(KT));
+            bn_prefetch_bytes(gg + nr * C, (size_t)(nn * C) * sizeof(KT));
+        }
+        for (int64_t c0 = 0; c0 < cfull; c0 += BN_RB) {
+            double a[BN_RB], b[BN_RB];
+            KA mh[BN_RB], ml[BN_RB];
+#pragma omp simd
+            for (int j = 0; j < BN_RB; j++) {
+                a[j] = b[j] = 0;
+                mh[j] = mean[c0 + j];
+                ml[j] = mlo[c0 + j];
+            }
+            for (int64_t r = 0; r < nr; r++) {
+                const KT *xr = xg + r * C + c0, *gr = gg + r * C + c0;
+#pragma omp simd
+                for (int j = 0; j < BN_RB; j++) {
+                    double g = (double)KLD(gr[j]);
+                    a[j] += g;
+                    b[j] += g * (double)(KLD(xr[j]) - mh[j] - ml[j]);
+                }
+            }
+#pragma omp simd
+            for (int j = 0; j < BN_RB; j++) {
+                sg[c0 + j] += a[j];
+                sgx[c0 + j] += b[j];
+            }
+        }
+        if (cfull < C)
+            for (int64_t r = 0; r < nr; r++) {
+                const KT *xr = xg + r * C, *gr = gg + r * C;
+#pragma omp simd
+                for (int64_t c = cfull; c < C; c++) {
+                    double g = (double)KLD(gr[c]);
+                    sg[c] += g;
+                    sgx[c] += g * (double)(KLD(xr[c]) - mean[c] - mlo[c]);
+                }
+            }
     }
 }
 

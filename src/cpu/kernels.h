@@ -17,7 +17,8 @@
 #include "../core/internal.h"
 
 typedef struct bn_kernels {
-    /* Two-pass moments of x[0..n): *mean, *m2 = sum (x - mean)^2. n >= 1. */
+    /* Moments of x[0..n): *mean, *m2 = sum (x - mean)^2. n >= 1. One pass shifted by x[0] (two passes
+     * for float64 data and for planes with non-finite sums); see kernel_impl.h. */
     void (*seg_stats)(const void *x, int64_t n, double *mean, double *m2);
     /* y = (x - mean) * scale + shift [+ add]; relu: y = max(z, 0) with NaN kept; mask (if not NULL)
      * bit = z > 0. */
@@ -33,6 +34,9 @@ typedef struct bn_kernels {
     void (*rows_sum)(const void *x, int64_t rows, int64_t C, double *acc);
     /* s1[c] += sum (x - ref[c]), s2[c] += sum (x - ref[c])^2; ref of compute type. */
     void (*rows_dev)(const void *x, int64_t rows, int64_t C, const void *ref, double *s1, double *s2);
+    /* Shifted one-pass sums: s1[c] += sum (x - k[c]), s2[c] += sum (x - k[c])^2; k of compute type.
+     * Not for float64 data (which keep rows_sum + rows_dev). */
+    void (*rows_stats)(const void *x, int64_t rows, int64_t C, const void *k, double *s1, double *s2);
     void (*rows_apply)(const void *x, void *y, const void *add, uint8_t *mask, int64_t mstride,
                        int64_t rows, int64_t C, const void *mean, const void *mean_lo, const void *scale,
                        const void *shift, int relu, int stream);
