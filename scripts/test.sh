@@ -25,7 +25,7 @@ echo "== tests under ASan + UBSan =="
 (cd build-asan && ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1 ctest --output-on-failure -j1 -E "fuzz|interop_regen|fixtures_regen")
 
 echo "== valgrind =="
-vg=(valgrind -q --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite)
+vg=(valgrind -q --error-exitcode=1 --leak-check=full --show-possibly-lost=no --errors-for-leak-kinds=definite)
 for t in test_errors test_layer test_hard test_pytorch test_state; do
   [ -x "build/tests/$t" ] || continue
   echo "valgrind $t"
