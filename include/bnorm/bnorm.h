@@ -224,7 +224,8 @@ typedef struct bnorm_comm {
  *   comm          training only: compute the statistics over every rank of the group (SyncBatchNorm).
  *                 Every rank passes the same C, dtype, layout and flags. NULL: this process only.
  *   workspace, workspace_size
- *                 optional scratch of at least bnorm_workspace_size() bytes. NULL: the call allocates
+ *                 optional 8-byte aligned scratch of at least bnorm_workspace_size() bytes, used only
+ *                 during the call. NULL: the call allocates
  *                 (and frees) what it needs.
  *
  * Training with one value per channel (m = N * spatial == 1; with comm, the global m) fails with
