@@ -347,6 +347,26 @@ static inline void bn_prefetch_bytes(const void *p, size_t bytes) {
     (void)bytes;
 #endif
 }
+/* Wide rows (a row of at least BN_PF_SPREAD bytes; 0: never): the next group's prefetches are
+ * spread over the channel blocks of the current group (part `part` of `parts` of the `bytes` at p).
+ * Issued all at once, a 32 KiB group (C = 2048) is 512 prefetches that fill the line-fill buffers and
+ * stall the core until the group has arrived, so reading and computing alternate instead of
+ * overlapping (perf: 43% of rows_stats' cycles on that loop for C = 2048). For narrow rows (C = 64, 256
+ * measured, float32) the burst was faster: there the spread issues the prefetches too late.
+ * Prefetching never changes results (docs/performance.md, note 14). */
+#ifndef BN_PF_SPREAD
+#define BN_PF_SPREAD 4096
+#endif
+static inline int bn_pf_spread(int64_t row_bytes) { return BN_PF_SPREAD > 0 && row_bytes >= BN_PF_SPREAD; }
+static inline void bn_prefetch_part(const void *p, size_t bytes, int64_t part, int64_t parts) {
+    if (!p) return;
+    const size_t lines = (bytes + 63) / 64, per = (lines + (size_t)parts - 1) / (size_t)parts;
+    size_t l0 = (size_t)part * per, l1 = l0 + per;
+    if (l1 > lines) l1 = lines;
+    if (l0 >= l1) return;
+    const size_t end = l1 * 64 < bytes ? l1 * 64 : bytes;
+    bn_prefetch_bytes((const char *)p + l0 * 64, end - l0 * 64);
+}
 #endif
 
 /* Shifted single-pass sums over rows (float32/16/bf16 data; see seg_stats for the accuracy argument,
@@ -359,13 +379,20 @@ static void KN(rows_stats)(const void *xv, int64_t rows, int64_t C, const void *
     const int64_t cfull = C - C % BN_RB, rg = bn_row_group(C, sizeof(KT));
     for (int64_t r0 = 0; r0 < rows; r0 += rg) {
         const int64_t nr = rows - r0 < rg ? rows - r0 : rg;
-        const KT *xg = x + r0 * C;
+        const KT *xg = x + r0 * C, *pf = NULL;
+        size_t pfb = 0;
         if (r0 + nr < rows) {
             const int64_t nn = rows - r0 - nr < rg ? rows - r0 - nr : rg;
-            bn_prefetch_bytes(xg + nr * C, (size_t)(nn * C) * sizeof(KT));
+            pf = xg + nr * C;
+            pfb = (size_t)(nn * C) * sizeof(KT);
+            if (!bn_pf_spread(C * (int64_t)sizeof(KT)) || cfull == 0) { /* all at once */
+                bn_prefetch_bytes(pf, pfb);
+                pf = NULL;
+            }
         }
         for (int64_t c0 = 0; c0 < cfull; c0 += BN_RB) {
             double a1[BN_RB], a2[BN_RB], kk[BN_RB];
+            bn_prefetch_part(pf, pfb, c0 / BN_RB, cfull / BN_RB);
 #pragma omp simd
             for (int j = 0; j < BN_RB; j++) {
                 a1[j] = a2[j] = 0;
