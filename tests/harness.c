@@ -139,3 +139,16 @@ double th_err(const double *a, const double *b, int64_t n, double atol, double r
     }
     return worst;
 }
+
+double th_maxabs(const double *v, int64_t n) {
+    double m = 0;
+    for (int64_t i = 0; i < n; i++)
+        if (isfinite(v[i]) && fabs(v[i]) > m) m = fabs(v[i]);
+    return m;
+}
+
+int th_close_scaled(const double *got, const double *want, int64_t n, double tol, double floor) {
+    double scale = th_maxabs(want, n);
+    if (scale < floor) scale = floor;
+    return th_err(got, want, n, tol * scale, tol) <= 1.0;
+}

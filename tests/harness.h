@@ -64,4 +64,11 @@ void th_round(bnorm_dtype dtype, double *v, int64_t n);
 /* max |a-b| / (atol + rtol*|b|) over n values; NaN positions must match (NaN in one only = inf). */
 double th_err(const double *a, const double *b, int64_t n, double atol, double rtol);
 
+/* Largest finite |v|. */
+double th_maxabs(const double *v, int64_t n);
+/* |got - want| <= tol * max(max|want|, floor) elementwise, NaN positions matching: an absolute
+ * tolerance scaled by the reference's magnitude, or by `floor` (the size of the terms that cancel in
+ * it) when larger. */
+int th_close_scaled(const double *got, const double *want, int64_t n, double tol, double floor);
+
 #endif

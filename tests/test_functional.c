@@ -20,22 +20,8 @@ static double tol_of(bnorm_dtype dt) {
     return 0;
 }
 
-static double maxabs(const double *v, int64_t n) {
-    double m = 0;
-    for (int64_t i = 0; i < n; i++)
-        if (isfinite(v[i]) && fabs(v[i]) > m) m = fabs(v[i]);
-    return m;
-}
-
-/* Compares with an absolute tolerance scaled by the reference's magnitude (or by `floor`, the size
- * of the terms that cancel in it, when larger). */
-static int close_scaled(const double *got, const double *want, int64_t n, double tol, double floor) {
-    double scale = maxabs(want, n);
-    if (scale < floor) scale = floor;
-    return th_err(got, want, n, tol * scale, tol) <= 1.0;
-}
 static int close_enough(const double *got, const double *want, int64_t n, double tol) {
-    return close_scaled(got, want, n, tol, 1.0);
+    return th_close_scaled(got, want, n, tol, 1.0);
 }
 
 typedef struct tcase {
@@ -173,9 +159,9 @@ static void run_case(const tcase *t) {
         th_buf DXv = t->inplace ? DY : DX;
         th_load(&DXv, got);
         /* dx = w*invstd*(g - mean(g) - xhat*mean(g*xhat)) cancels: scale by its terms */
-        double terms = maxabs(dy, numel) * 3, wi = 0;
+        double terms = th_maxabs(dy, numel) * 3, wi = 0;
         for (int64_t c = 0; c < C; c++) wi = fmax(wi, fabs((t->affine ? w[c] : 1.0) * inv[c]));
-        CHECK(close_scaled(got, dxr, numel, tol * 5, terms * wi), "%s: dx differs from the reference", name);
+        CHECK(th_close_scaled(got, dxr, numel, tol * 5, terms * wi), "%s: dx differs from the reference", name);
         if (t->relu && t->fused_add) {
             th_load(&DA, got);
             CHECK(close_enough(got, dar, numel, tol), "%s: daddend", name);

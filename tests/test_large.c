@@ -15,20 +15,6 @@
 
 static const double tol = 2e-5; /* float32: about one unit in the last place, as test_functional */
 
-static double maxabs(const double *v, int64_t n) {
-    double m = 0;
-    for (int64_t i = 0; i < n; i++)
-        if (isfinite(v[i]) && fabs(v[i]) > m) m = fabs(v[i]);
-    return m;
-}
-
-/* |got - want| <= tol * max(max|want|, floor) elementwise (NaN positions must match). */
-static int close_scaled(const double *got, const double *want, int64_t n, double t, double floor) {
-    double scale = maxabs(want, n);
-    if (scale < floor) scale = floor;
-    return th_err(got, want, n, t * scale, t) <= 1.0;
-}
-
 typedef struct lcase {
     int layout, rank;
     int64_t dims[4];
@@ -89,16 +75,16 @@ static void run_case(const lcase *t, int mode, const double *x, const double *ad
         }
     }
     th_load(&Y, got);
-    CHECK(close_scaled(got, yr, numel, tol, 1.0), "%s: y differs from the reference", name);
+    CHECK(th_close_scaled(got, yr, numel, tol, 1.0), "%s: y differs from the reference", name);
     if (training) {
         th_load(&SM, tmp);
-        CHECK(close_scaled(tmp, mean, C, tol, 1.0), "%s: save_mean", name);
+        CHECK(th_close_scaled(tmp, mean, C, tol, 1.0), "%s: save_mean", name);
         th_load(&SI, tmp);
-        CHECK(close_scaled(tmp, inv, C, tol * 10, 1.0), "%s: save_invstd", name);
+        CHECK(th_close_scaled(tmp, inv, C, tol * 10, 1.0), "%s: save_invstd", name);
         const double m = (double)(N * S);
         for (int64_t c = 0; c < C; c++) dwr[c] = 0.9 * rv[c] + 0.1 * var[c] * m / (m - 1);
         th_load(&RV, tmp);
-        CHECK(close_scaled(tmp, dwr, C, tol * 10, 1.0), "%s: running_var", name);
+        CHECK(th_close_scaled(tmp, dwr, C, tol * 10, 1.0), "%s: running_var", name);
     }
     for (int64_t i = 0; i < numel; i++) mask[i] = got[i] > 0;
 
@@ -114,17 +100,17 @@ static void run_case(const lcase *t, int mode, const double *x, const double *ad
     th_load(&DX, got);
     double wi = 0;
     for (int64_t c = 0; c < C; c++) wi = fmax(wi, fabs(w[c] * inv[c]));
-    CHECK(close_scaled(got, dxr, numel, tol * 5, maxabs(dy, numel) * 3 * wi), "%s: dx differs from the reference", name);
+    CHECK(th_close_scaled(got, dxr, numel, tol * 5, th_maxabs(dy, numel) * 3 * wi), "%s: dx differs from the reference", name);
     if (fused) {
         th_load(&DA, got);
-        CHECK(close_scaled(got, dar, numel, tol, 1.0), "%s: daddend", name);
+        CHECK(th_close_scaled(got, dar, numel, tol, 1.0), "%s: daddend", name);
     }
     /* dweight/dbias sum m values: scale by the sum of magnitudes they add up */
     const double msum = sqrt((double)(N * S)) * 4;
     th_load(&DW, tmp);
-    CHECK(close_scaled(tmp, dwr, C, tol * 5, msum), "%s: dweight", name);
+    CHECK(th_close_scaled(tmp, dwr, C, tol * 5, msum), "%s: dweight", name);
     th_load(&DB, tmp);
-    CHECK(close_scaled(tmp, dbr, C, tol * 5, msum), "%s: dbias", name);
+    CHECK(th_close_scaled(tmp, dbr, C, tol * 5, msum), "%s: dbias", name);
 done:
     th_free(&X); th_free(&Y); th_free(&A); th_free(&DY); th_free(&DX); th_free(&DA);
     th_free(&W); th_free(&B); th_free(&RM); th_free(&RV); th_free(&SM); th_free(&SI); th_free(&DW); th_free(&DB);

@@ -72,16 +72,10 @@ static double tol_sync(bnorm_dtype dt) {
     }
     return 0;
 }
-static double maxabs(const double *v, int64_t n) {
-    double m = 0;
-    for (int64_t i = 0; i < n; i++)
-        if (isfinite(v[i]) && fabs(v[i]) > m) m = fabs(v[i]);
-    return m;
-}
 /* |got - want| <= tol * max(floor, max|want|) elementwise; a failure reports the worst ratio. */
 static double last_ratio;
 static int close_to(const double *got, const double *want, int64_t n, double tol, double floor) {
-    double s = maxabs(want, n);
+    double s = th_maxabs(want, n);
     if (s < floor) s = floor;
     last_ratio = th_err(got, want, n, tol * s, 0);
     return last_ratio <= 1.0;
@@ -264,7 +258,7 @@ static void run_case(const mcase *tc, const int64_t *counts) {
     double *dxr = malloc(sizeof(double) * (size_t)(numel + 1)), *dwr = malloc(sizeof(double) * (size_t)C);
     double *dbr = malloc(sizeof(double) * (size_t)C);
     const int same_stats = memcmp(SM1.p, SM2.p, (size_t)C * ps) == 0 && memcmp(SI1.p, SI2.p, (size_t)C * ps) == 0;
-    const double terms = 3 * maxabs(dy, numel) * wi;
+    const double terms = 3 * th_maxabs(dy, numel) * wi;
     {
         double *sm = malloc(sizeof(double) * (size_t)C), *si = malloc(sizeof(double) * (size_t)C);
         th_load(&SM2, sm);
@@ -287,7 +281,7 @@ static void run_case(const mcase *tc, const int64_t *counts) {
     const size_t cb = (size_t)C * ps;
     unsigned char *ident = malloc(6 * cb);
     /* a mean is as accurate as the sum of the values it averages: compare it at the data's scale */
-    const double xs = maxabs(x, numel), pfloor[] = {xs, 1e-3, xs, 1e-3};
+    const double xs = th_maxabs(x, numel), pfloor[] = {xs, 1e-3, xs, 1e-3};
     for (int i = 0; i < 4; i++) {
         th_load(p1[i], v1);
         th_load(p2[i], v2);
@@ -315,7 +309,7 @@ static void run_case(const mcase *tc, const int64_t *counts) {
     /* parameter gradients: the group's sums equal the reference's (and the single process's) */
     th_buf *g1[] = {&DW1, &DB1}, *g2[] = {&DW2, &DB2}, *g3[] = {&DW3, &DB3};
     const double *gr[] = {dwr, dbr};
-    const double gs = 3 * maxabs(dy, numel) * (double)(N * S); /* size of the terms of the sums */
+    const double gs = 3 * th_maxabs(dy, numel) * (double)(N * S); /* size of the terms of the sums */
     double *loc = malloc(sizeof(double) * 2 * (size_t)C), *sum = malloc(sizeof(double) * 2 * (size_t)C);
     for (int i = 0; i < 2; i++) th_load(g2[i], loc + i * C);
     if (t.reduce) {
