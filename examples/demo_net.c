@@ -389,16 +389,21 @@ static int get_floats(FILE *f, float *p, size_t n) {
 
 static void join(char *out, size_t cap, const char *dir, const char *name) { snprintf(out, cap, "%s/%s", dir, name); }
 
+/* The state file of BN layer i ("<dir>/<name>.safetensors") and its tensor prefix ("<name>."). */
+static void bn_state_path(const char *dir, int i, char *path, size_t cap, char *prefix, size_t pcap) {
+    char file[80];
+    snprintf(prefix, pcap, "%s.", demo_bn_names[i]);
+    snprintf(file, sizeof file, "%s.safetensors", demo_bn_names[i]);
+    join(path, cap, dir, file);
+}
+
 bnorm_status demo_net_save(const demo_net *net, const char *dir, char *err, size_t cap) {
     if (mkdir(dir, 0777) != 0 && errno != EEXIST)
         return fail(err, cap, BNORM_STATUS_IO, "cannot create directory %s: %s", dir, strerror(errno));
-    char path[4096];
+    char path[4096], prefix[64];
     for (int i = 0; i < 3; i++) {
         if (!net->bn[i]) continue;
-        char prefix[64], file[80];
-        snprintf(prefix, sizeof prefix, "%s.", demo_bn_names[i]);
-        snprintf(file, sizeof file, "%s.safetensors", demo_bn_names[i]);
-        join(path, sizeof path, dir, file);
+        bn_state_path(dir, i, path, sizeof path, prefix, sizeof prefix);
         bnorm_status st = bnorm_layer_save(net->bn[i], path, prefix);
         if (st) return fail(err, cap, st, "bnorm_layer_save(%s): %s", path, bnorm_last_error());
     }
@@ -417,13 +422,10 @@ bnorm_status demo_net_save(const demo_net *net, const char *dir, char *err, size
 }
 
 bnorm_status demo_net_load(demo_net *net, const char *dir, char *err, size_t cap) {
-    char path[4096];
+    char path[4096], prefix[64];
     for (int i = 0; i < 3; i++) {
         if (!net->bn[i]) continue;
-        char prefix[64], file[80];
-        snprintf(prefix, sizeof prefix, "%s.", demo_bn_names[i]);
-        snprintf(file, sizeof file, "%s.safetensors", demo_bn_names[i]);
-        join(path, sizeof path, dir, file);
+        bn_state_path(dir, i, path, sizeof path, prefix, sizeof prefix);
         bnorm_status st = bnorm_layer_load(net->bn[i], path, prefix);
         if (st) return fail(err, cap, st, "bnorm_layer_load(%s): %s", path, bnorm_last_error());
     }
