@@ -241,7 +241,7 @@ static void test_constant(void) {
     }
 }
 
-/* NaN and Inf inputs: channel 1 holds a NaN, channel 2 a +Inf, channel 3 both infinities, channels
+/* NaN and Inf inputs: channel 1 holds a NaN, channel 2 two +Inf (one its first value), channel 3 both infinities, channels
  * 0 and 4 are ordinary. Training forward (with and without ReLU), training backward, inference. */
 static void test_nan_inf(bnorm_dtype dt) {
     long inf_mean_bad = 0;
@@ -267,6 +267,7 @@ static void test_nan_inf(bnorm_dtype dt) {
                 }
                 x[ref_index(&sh, N - 1, 1, S / 2)] = NAN;
                 x[ref_index(&sh, N / 2, 2, 0)] = INFINITY;
+                x[ref_index(&sh, 0, 2, 0)] = INFINITY; /* the channel's first value: the one-pass shift */
                 x[ref_index(&sh, 0, 3, S - 1)] = INFINITY;
                 x[ref_index(&sh, N - 1, 3, 0)] = -INFINITY;
                 th_round(dt, x, numel);
@@ -299,7 +300,7 @@ static void test_nan_inf(bnorm_dtype dt) {
                         CHECK(th_err(&r.rm[c], &rm[c], 1, tol, tol) <= 1, "%s: running_mean[%d] = %g, want %g", what, c,
                               r.rm[c], rm[c]);
                     }
-                    /* CORE BUG (reported): channel 2 holds one +Inf; its mean is +Inf in PyTorch and in the
+                    /* CORE BUG (reported): channel 2 holds +Inf values; its mean is +Inf in PyTorch and in the
                      * reference (sum / m), and running_mean becomes +Inf. The library's corrected two-pass
                      * mean r + s1/n gives NaN (s1 = Inf - Inf). */
                     if (!(r.mean[2] == INFINITY && r.rm[2] == INFINITY) && inf_mean_bad++ == 0)

@@ -38,17 +38,32 @@ static int bn_threads(void) {
 #endif
 }
 
-/* Workspace in doubles: per thread 7C, shared 14C, communicator (size + 1) * (HDR + 1 + 2C). */
-static size_t bn_ws_doubles(int64_t C, int nt, int comm_size) {
-    return (size_t)nt * 7 * (size_t)C + 14 * (size_t)C +
-           (size_t)(comm_size + 1) * (BN_HDR + 1 + 2 * (size_t)C) + 16;
+/* Small planes (channels-first planes under BN_SMALL_PLANE bytes: 7x7, 14x14) of float32/16/bf16 data
+ * take the run schedules below: per-channel quantities expanded over a run of at most BN_RUN values.
+ * Per-thread scratch: s1/s2 (double), six float arrays, a byte mask and two staging runs. */
+#define BN_SMALL_PLANE 2048
+#ifndef BN_RUN
+#define BN_RUN 2048
+#endif
+enum { BN_RUN_SCRATCH = (2 * 8 * BN_RUN + 6 * 4 * BN_RUN + BN_RUN + 2 * 4 * BN_RUN) / 8 + 128 };
+
+static int bn_small_planes(const bn_geom *g, bnorm_dtype dt) {
+    return g->planes && dt != BNORM_DTYPE_F64 && (size_t)g->inner * g->esize < BN_SMALL_PLANE;
+}
+
+/* Workspace in doubles: per thread 7C (+ the run scratch for small planes), shared 14C, communicator
+ * (size + 1) * (HDR + 1 + 2C). */
+static size_t bn_ws_doubles(const bn_geom *g, bnorm_dtype dt, int nt, int comm_size) {
+    const size_t C = (size_t)g->C;
+    return (size_t)nt * 7 * C + 14 * C + (size_t)(comm_size + 1) * (BN_HDR + 1 + 2 * C) + 16 +
+           (bn_small_planes(g, dt) ? (size_t)nt * BN_RUN_SCRATCH + 8 : 0);
 }
 
 size_t bnorm_workspace_size(const bnorm_desc *desc, int comm_size) {
     bn_geom g = {0};
     if (bn_geom_init("bnorm_workspace_size", "desc", desc, &g) != BNORM_STATUS_OK) return 0;
     if (comm_size < 1) comm_size = 1;
-    return bn_ws_doubles(g.C, bn_threads(), comm_size) * sizeof(double);
+    return bn_ws_doubles(&g, desc->dtype, bn_threads(), comm_size) * sizeof(double);
 }
 
 /* A bump allocator over the caller's or our own workspace. */
@@ -351,6 +366,145 @@ static void bn_fwd_channel_schedule(const bn_fwd_ctx *f, int nt) {
     }
 }
 
+/* Per-thread scratch of the run schedules, carved 64-byte aligned out of BN_RUN_SCRATCH doubles. */
+typedef struct bn_run_scratch {
+    double *s1, *s2;                     /* element-wise sums of a channel block */
+    float *k, *mh, *ml, *c1, *c2, *c3;   /* expanded shift, mean hi/lo and coefficients */
+    uint8_t *m;                          /* expanded mask */
+    unsigned char *st1, *st2;            /* staging runs for streaming stores */
+} bn_run_scratch;
+
+static void *bn_carve(unsigned char **p, size_t bytes) {
+    uintptr_t a = ((uintptr_t)*p + 63) & ~(uintptr_t)63;
+    *p = (unsigned char *)a + bytes;
+    return (void *)a;
+}
+
+static bn_run_scratch bn_run_scratch_at(double *base, int t) {
+    unsigned char *p = (unsigned char *)(base + (size_t)t * BN_RUN_SCRATCH);
+    bn_run_scratch r;
+    r.s1 = bn_carve(&p, 8 * BN_RUN);
+    r.s2 = bn_carve(&p, 8 * BN_RUN);
+    r.k = bn_carve(&p, 4 * BN_RUN);
+    r.mh = bn_carve(&p, 4 * BN_RUN);
+    r.ml = bn_carve(&p, 4 * BN_RUN);
+    r.c1 = bn_carve(&p, 4 * BN_RUN);
+    r.c2 = bn_carve(&p, 4 * BN_RUN);
+    r.c3 = bn_carve(&p, 4 * BN_RUN);
+    r.m = bn_carve(&p, BN_RUN);
+    r.st1 = bn_carve(&p, 4 * BN_RUN);
+    r.st2 = bn_carve(&p, 4 * BN_RUN);
+    return r;
+}
+
+/* Fills v[j * inner + i] = val for i < inner. */
+static void bn_expand(float *v, int64_t j, int64_t inner, float val) {
+    float *q = v + j * inner;
+    for (int64_t i = 0; i < inner; i++) q[i] = val;
+}
+
+static void bn_expand_mean(float *mh, float *ml, int64_t j, int64_t inner, double mean) {
+    float h = (float)mean;
+    bn_expand(mh, j, inner, h);
+    bn_expand(ml, j, inner, (float)(mean - (double)h));
+}
+
+enum { BN_RUN_BLOCK_MAX = 256 };
+
+/* Channels per block of the run schedules: slices of about half the L2 (tensors: x, plus dy in the
+ * backward) and a run (one batch index of the block) of at most BN_RUN values. */
+static int64_t bn_run_channels(const bn_geom *g, int tensors) {
+    double slice = (double)g->outer * (double)g->inner * (double)g->esize * tensors;
+    int64_t cb = (int64_t)(bn_l2_budget / slice), cmax = BN_RUN / g->inner;
+    if (cmax > BN_RUN_BLOCK_MAX) cmax = BN_RUN_BLOCK_MAX;
+    return cb < 1 ? 1 : cb > cmax ? cmax : cb;
+}
+
+/* Forward on small planes, channel-owning threads (training without a communicator, or inference):
+ * per block of cb channels, the statistics of all planes element by element (run_stats: s1, s2 per
+ * position of the run, shifted by each channel's first value; one pass, the argument of kernel_impl.h
+ * with n = all values of the channel), then the normalization of every run with expanded
+ * coefficients. Results do not depend on the block size or the thread count. A channel whose sums are
+ * not finite is redone plane by plane (seg_stats, as the plane schedule does). Inference: coefficients
+ * from mean/scale/shift (double[C]). */
+static void bn_fwd_run_schedule(const bn_fwd_ctx *f, int nt, double *scratch, const double *imean,
+                                 const double *iscale, const double *ishift) {
+    const bn_geom *g = &f->g;
+    const bnorm_forward_args *a = f->a;
+    const int64_t inner = g->inner, C = g->C;
+    const size_t es = g->esize;
+    const int64_t cb = bn_run_channels(g, 1);
+#pragma omp parallel num_threads(nt)
+    {
+        int t = 0;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+#endif
+        bn_run_scratch r = bn_run_scratch_at(scratch, t);
+        int64_t lo, hi;
+        bn_thread_channels(C, &lo, &hi);
+        for (int64_t c0 = lo; c0 < hi; c0 += cb) {
+            const int64_t nc = hi - c0 < cb ? hi - c0 : cb, n = nc * inner;
+            if (!imean) {
+                for (int64_t j = 0; j < nc; j++) {
+                    float k0;
+                    f->k->to_f32(bn_at(a->x, (c0 + j) * inner, es), &k0, 1);
+                    bn_expand(r.k, j, inner, k0);
+                }
+                for (int64_t i = 0; i < n; i++) r.s1[i] = r.s2[i] = 0;
+                for (int64_t o = 0; o < g->outer; o++) {
+                    if (o + BN_PREFETCH_AHEAD < g->outer)
+                        bn_prefetch_run(bn_at(a->x, ((o + BN_PREFETCH_AHEAD) * C + c0) * inner, es), (size_t)n * es);
+                    f->k->run_stats(bn_at(a->x, (o * C + c0) * inner, es), n, r.k, r.s1, r.s2);
+                }
+            }
+            for (int64_t j = 0; j < nc; j++) {
+                double mean, scale, shift;
+                if (imean) {
+                    mean = imean[c0 + j];
+                    scale = iscale[c0 + j];
+                    shift = ishift[c0 + j];
+                } else {
+                    double s1 = 0, s2 = 0, m = (double)g->m;
+                    for (int64_t i = 0; i < inner; i++) {
+                        s1 += r.s1[j * inner + i];
+                        s2 += r.s2[j * inner + i];
+                    }
+                    double m2;
+                    if (isfinite(s1) && isfinite(s2) && isfinite(r.k[j * inner])) {
+                        mean = (double)r.k[j * inner] + s1 / m;
+                        m2 = s2 - s1 * s1 / m;
+                        if (m2 < 0) m2 = 0;
+                    } else { /* Inf/NaN in the channel (or an overflow): plane by plane */
+                        bn_moments mo = {0, 0, 0};
+                        for (int64_t o = 0; o < g->outer; o++) {
+                            double mu, pm2;
+                            f->k->seg_stats(bn_at(a->x, (o * C + c0 + j) * inner, es), inner, &mu, &pm2);
+                            bn_moments_merge(&mo, (double)inner, mu, pm2);
+                        }
+                        mean = mo.mean;
+                        m2 = mo.m2;
+                    }
+                    bn_fwd_finalize_channel(f, c0 + j, m, mean, m2, &scale, &shift);
+                }
+                bn_expand_mean(r.mh, r.ml, j, inner, mean);
+                bn_expand(r.c1, j, inner, (float)scale);
+                bn_expand(r.c2, j, inner, (float)shift);
+            }
+            /* reverse order: the runs read last by the statistics are still in cache */
+            for (int64_t o = g->outer - 1; o >= 0; o--) {
+                const int64_t off = (o * C + c0) * inner;
+                uint8_t *mask = a->relu_mask ? (uint8_t *)a->relu_mask + (o * C + c0) * f->mask_stride : NULL;
+                char *y = (char *)a->y + off * (int64_t)es;
+                f->k->run_apply(bn_at(a->x, off, es), f->stream ? (void *)r.st1 : (void *)y, bn_at(a->addend, off, es), mask,
+                                f->mask_stride, nc, inner, r.mh, r.ml, r.c1, r.c2, a->relu);
+                if (f->stream) bn_stream_copy(y, r.st1, (size_t)n * es);
+            }
+        }
+        if (f->stream) bn_stream_fence();
+    }
+}
+
 /* Phase 1 of the split schedule: per-thread partial moments, merged in thread order into
  * (gn, gmean[C], gm2[C]). Per-thread space: 7C doubles at part. */
 static void bn_fwd_partials(const bn_fwd_ctx *f, int nt, double *part, double *gn, double *gmean,
@@ -517,7 +671,7 @@ bnorm_status bnorm_forward(const bnorm_forward_args *a) {
     if (!a->training) { /* inference: coefficients from the running statistics */
         if (g->numel == 0) return BNORM_STATUS_OK;
         bn_arena ar;
-        st = bn_arena_open(&ar, F, a->workspace, a->workspace_size, bn_ws_doubles(C, nt, 1));
+        st = bn_arena_open(&ar, F, a->workspace, a->workspace_size, bn_ws_doubles(g, a->desc.dtype, nt, 1));
         if (st) return st;
         double *mean = bn_take(&ar, C), *scale = bn_take(&ar, C), *shift = bn_take(&ar, C);
         double *km = bn_take(&ar, C), *kml = bn_take(&ar, C), *ks = bn_take(&ar, C), *kb = bn_take(&ar, C);
@@ -530,7 +684,10 @@ bnorm_status bnorm_forward(const bnorm_forward_args *a) {
             bn_ka_set(ks, f.dbl, c, scale[c]);
             bn_ka_set(kb, f.dbl, c, shift[c]);
         }
-        bn_fwd_apply_split(&f, nt, mean, scale, shift, km, kml, ks, kb);
+        if (bn_small_planes(g, a->desc.dtype) && C >= nt)
+            bn_fwd_run_schedule(&f, nt, bn_take(&ar, (size_t)nt * BN_RUN_SCRATCH), mean, scale, shift);
+        else
+            bn_fwd_apply_split(&f, nt, mean, scale, shift, km, kml, ks, kb);
         free(ar.owned);
         return BNORM_STATUS_OK;
     }
@@ -542,6 +699,14 @@ bnorm_status bnorm_forward(const bnorm_forward_args *a) {
                            "expected more than 1 value per channel when training, got input of %lld "
                            "value(s) per channel (N * spatial)",
                            (long long)g->m);
+        if (g->planes && C >= nt && bn_small_planes(g, a->desc.dtype)) {
+            bn_arena ar;
+            st = bn_arena_open(&ar, F, a->workspace, a->workspace_size, bn_ws_doubles(g, a->desc.dtype, nt, 1));
+            if (st) return st;
+            bn_fwd_run_schedule(&f, nt, bn_take(&ar, (size_t)nt * BN_RUN_SCRATCH), NULL, NULL, NULL);
+            free(ar.owned);
+            return BNORM_STATUS_OK;
+        }
         if (g->planes && C >= nt) {
             bn_fwd_channel_schedule(&f, nt);
             return BNORM_STATUS_OK;
@@ -549,7 +714,7 @@ bnorm_status bnorm_forward(const bnorm_forward_args *a) {
     }
 
     bn_arena ar;
-    st = bn_arena_open(&ar, F, a->workspace, a->workspace_size, bn_ws_doubles(C, nt, comm ? comm->size : 1));
+    st = bn_arena_open(&ar, F, a->workspace, a->workspace_size, bn_ws_doubles(g, a->desc.dtype, nt, comm ? comm->size : 1));
     if (st) return st;
     double *part = bn_take(&ar, (size_t)nt * 7 * C);
     double *gn = bn_take(&ar, C), *gmean = bn_take(&ar, C), *gm2 = bn_take(&ar, C);
@@ -753,6 +918,85 @@ static void bn_bwd_channel_schedule(const bn_bwd_ctx *b, int nt, int need_sums) 
     }
 }
 
+/* Backward on small planes, channel-owning threads (see bn_fwd_run_schedule): per block, the sums of
+ * g and g * (x - mean) element by element over the batch, then dx (and daddend) run by run with
+ * expanded coefficients. */
+static void bn_bwd_run_schedule(const bn_bwd_ctx *b, int nt, int need_sums, double *scratch) {
+    const bn_geom *g = &b->g;
+    const bnorm_backward_args *a = b->a;
+    const int64_t inner = g->inner, C = g->C;
+    const size_t es = g->esize;
+    const int64_t cb = bn_run_channels(g, 2);
+    const int wdx = a->dx != NULL, wda = a->daddend && a->relu_mask;
+#pragma omp parallel num_threads(nt)
+    {
+        int t = 0;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+#endif
+        bn_run_scratch r = bn_run_scratch_at(scratch, t);
+        int64_t lo, hi;
+        bn_thread_channels(C, &lo, &hi);
+        for (int64_t c0 = lo; c0 < hi; c0 += cb) {
+            const int64_t nc = hi - c0 < cb ? hi - c0 : cb, n = nc * inner;
+            double mean[BN_RUN_BLOCK_MAX], invstd[BN_RUN_BLOCK_MAX], sg[BN_RUN_BLOCK_MAX], sgx[BN_RUN_BLOCK_MAX];
+            for (int64_t j = 0; j < nc; j++) {
+                mean[j] = bn_bwd_mean(b, c0 + j);
+                invstd[j] = bn_bwd_invstd(b, c0 + j);
+                sg[j] = sgx[j] = 0;
+                bn_expand_mean(r.mh, r.ml, j, inner, mean[j]);
+            }
+            if (need_sums) {
+                for (int64_t i = 0; i < n; i++) r.s1[i] = r.s2[i] = 0;
+                for (int64_t o = 0; o < g->outer; o++) {
+                    const int64_t off = (o * C + c0) * inner;
+                    if (o + BN_PREFETCH_AHEAD < g->outer) {
+                        const int64_t pa = off + BN_PREFETCH_AHEAD * C * inner;
+                        bn_prefetch_run(bn_at(a->x, pa, es), (size_t)n * es);
+                        bn_prefetch_run(bn_at(a->dy, pa, es), (size_t)n * es);
+                    }
+                    if (a->relu_mask)
+                        b->k->run_mask_u8((const uint8_t *)a->relu_mask + (o * C + c0) * b->mask_stride, b->mask_stride,
+                                          nc, inner, r.m);
+                    b->k->run_bwd_reduce(bn_at(a->x, off, es), bn_at(a->dy, off, es), a->relu_mask ? r.m : NULL, n, r.mh,
+                                         r.ml, r.s1, r.s2);
+                }
+                for (int64_t j = 0; j < nc; j++) {
+                    for (int64_t i = 0; i < inner; i++) {
+                        sg[j] += r.s1[j * inner + i];
+                        sgx[j] += r.s2[j * inner + i];
+                    }
+                    bn_bwd_param_grads(b, c0 + j, sg[j], sgx[j], invstd[j]);
+                }
+            }
+            if (!wdx && !wda) continue;
+            for (int64_t j = 0; j < nc; j++) {
+                double k1, k2, k3;
+                bn_bwd_coefs(b, c0 + j, sg[j], sgx[j], invstd[j], &k1, &k2, &k3);
+                bn_expand(r.c1, j, inner, (float)k1);
+                bn_expand(r.c2, j, inner, (float)k2);
+                bn_expand(r.c3, j, inner, (float)k3);
+            }
+            for (int64_t o = g->outer - 1; o >= 0; o--) {
+                const int64_t off = (o * C + c0) * inner;
+                char *dx = wdx ? (char *)a->dx + off * (int64_t)es : NULL;
+                char *da = wda ? (char *)a->daddend + off * (int64_t)es : NULL;
+                if (a->relu_mask)
+                    b->k->run_mask_u8((const uint8_t *)a->relu_mask + (o * C + c0) * b->mask_stride, b->mask_stride, nc,
+                                      inner, r.m);
+                b->k->run_bwd_apply(bn_at(a->x, off, es), bn_at(a->dy, off, es), a->relu_mask ? r.m : NULL,
+                                    dx && b->stream ? (void *)r.st1 : (void *)dx, da && b->stream ? (void *)r.st2 : (void *)da,
+                                    n, r.mh, r.ml, r.c1, r.c2, r.c3);
+                if (b->stream) {
+                    if (dx) bn_stream_copy(dx, r.st1, (size_t)n * es);
+                    if (da) bn_stream_copy(da, r.st2, (size_t)n * es);
+                }
+            }
+        }
+        if (b->stream) bn_stream_fence();
+    }
+}
+
 /* Phase 1 of the split schedule: sums of g and g*(x - mean) per channel, merged in thread order. */
 static void bn_bwd_partials(const bn_bwd_ctx *b, int nt, const void *ka_mean, const void *ka_mlo, double *part,
                             double *sg, double *sgx) {
@@ -882,12 +1126,20 @@ bnorm_status bnorm_backward(const bnorm_backward_args *a) {
     const bnorm_comm *comm = a->use_global_stats ? NULL : a->comm;
     const int need_sums = !a->use_global_stats || a->dweight || a->dbias || comm;
 
+    if (!comm && g->planes && C >= nt && g->m > 0 && bn_small_planes(g, a->desc.dtype)) {
+        bn_arena ar;
+        st = bn_arena_open(&ar, F, a->workspace, a->workspace_size, bn_ws_doubles(g, a->desc.dtype, nt, 1));
+        if (st) return st;
+        bn_bwd_run_schedule(&b, nt, need_sums, bn_take(&ar, (size_t)nt * BN_RUN_SCRATCH));
+        free(ar.owned);
+        return BNORM_STATUS_OK;
+    }
     if (!comm && g->planes && C >= nt && g->m > 0) {
         bn_bwd_channel_schedule(&b, nt, need_sums);
         return BNORM_STATUS_OK;
     }
     bn_arena ar;
-    st = bn_arena_open(&ar, F, a->workspace, a->workspace_size, bn_ws_doubles(C, nt, comm ? comm->size : 1));
+    st = bn_arena_open(&ar, F, a->workspace, a->workspace_size, bn_ws_doubles(g, a->desc.dtype, nt, comm ? comm->size : 1));
     if (st) return st;
     double *part = bn_take(&ar, (size_t)nt * 7 * C);
     double *sg = bn_take(&ar, C), *sgx = bn_take(&ar, C), *mean = bn_take(&ar, C), *inv = bn_take(&ar, C);

@@ -629,3 +629,129 @@ static void KN(from_f32)(const float *src, void *dstv, int64_t n) {
 }
 
 #undef KBIT
+
+/* Runs of small planes (channels-first, planes under 2 KiB: 7x7, 14x14). A run is the n = np * inner
+ * contiguous values of np consecutive planes; per-channel quantities come expanded, one entry per
+ * value (arrays of the compute type, built once per channel block by the driver and reused for every
+ * batch index), so each kernel is one flat loop over the run instead of a call, a reduction and a
+ * remainder loop per plane of 49 or 196 values. */
+
+/* s1[i] += x[i] - k[i], s2[i] += (x[i] - k[i])^2 in double, element by element (the accumulators of
+ * a channel block live in L1/L2 across the batch). Not for float64 data. */
+static void KN(run_stats)(const void *xv, int64_t n, const void *kv, double *s1, double *s2) {
+    const KT *x = (const KT *)xv;
+    const KA *k = (const KA *)kv;
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++) {
+        double d = (double)KLD(x[i]) - (double)k[i];
+        s1[i] += d;
+        BN_SQ_ACC(s2[i], d);
+    }
+}
+
+/* y = (x - mh - ml) * sc + sh [+ add] [ReLU] over np planes of inner values: the expression of
+ * seg_apply, so the outputs are bit-identical to it. With a mask, each plane's bits start on a byte
+ * (plane j at mask + j * mstride). */
+static void KN(run_apply)(const void *xv, void *yv, const void *addv, uint8_t *mask, int64_t mstride, int64_t np,
+                          int64_t inner, const void *mhv, const void *mlv, const void *scv, const void *shv, int relu) {
+    const KT *x = (const KT *)xv, *add = (const KT *)addv;
+    const KA *mh = (const KA *)mhv, *ml = (const KA *)mlv, *sc = (const KA *)scv, *sh = (const KA *)shv;
+    KT *y = (KT *)yv;
+    if (!mask) {
+        const int64_t n = np * inner;
+        if (add && relu) {
+#pragma omp simd
+            for (int64_t i = 0; i < n; i++) y[i] = KST(KN(relu)((KLD(x[i]) - mh[i] - ml[i]) * sc[i] + sh[i] + KLD(add[i])));
+        } else if (add) {
+#pragma omp simd
+            for (int64_t i = 0; i < n; i++) y[i] = KST((KLD(x[i]) - mh[i] - ml[i]) * sc[i] + sh[i] + KLD(add[i]));
+        } else if (relu) {
+#pragma omp simd
+            for (int64_t i = 0; i < n; i++) y[i] = KST(KN(relu)((KLD(x[i]) - mh[i] - ml[i]) * sc[i] + sh[i]));
+        } else {
+#pragma omp simd
+            for (int64_t i = 0; i < n; i++) y[i] = KST((KLD(x[i]) - mh[i] - ml[i]) * sc[i] + sh[i]);
+        }
+        return;
+    }
+    KA z[BN_CHUNK];
+    for (int64_t j = 0; j < np; j++) {
+        for (int64_t i0 = 0; i0 < inner; i0 += BN_CHUNK) {
+            const int64_t len = inner - i0 < BN_CHUNK ? inner - i0 : BN_CHUNK, o = j * inner + i0;
+            if (add) {
+#pragma omp simd
+                for (int64_t i = 0; i < len; i++)
+                    z[i] = (KLD(x[o + i]) - mh[o + i] - ml[o + i]) * sc[o + i] + sh[o + i] + KLD(add[o + i]);
+            } else {
+#pragma omp simd
+                for (int64_t i = 0; i < len; i++) z[i] = (KLD(x[o + i]) - mh[o + i] - ml[o + i]) * sc[o + i] + sh[o + i];
+            }
+            KN(masked_out)(z, y + o, mask + j * mstride + (i0 >> 3), len, relu);
+        }
+    }
+}
+
+/* Expands the mask bits of np planes (plane j at mask + j * mstride) to one byte per value. */
+static void KN(run_mask_u8)(const uint8_t *mask, int64_t mstride, int64_t np, int64_t inner, uint8_t *m) {
+    for (int64_t j = 0; j < np; j++) bn_bits_to_u8(mask + j * mstride, inner, m + j * inner);
+}
+
+/* g = dy [* mask]; ag[i] += g, agx[i] += g * (x - mh - ml), element by element in double (the
+ * expression of seg_bwd_reduce). m: the mask expanded to bytes (run_mask_u8), or NULL. */
+static void KN(run_bwd_reduce)(const void *xv, const void *dyv, const uint8_t *m, int64_t n, const void *mhv,
+                               const void *mlv, double *ag, double *agx) {
+    const KT *x = (const KT *)xv, *dy = (const KT *)dyv;
+    const KA *mh = (const KA *)mhv, *ml = (const KA *)mlv;
+    if (m) { /* the select in the compute type first: a byte select feeding double sums stays scalar */
+        KA gm[BN_CHUNK];
+        for (int64_t i0 = 0; i0 < n; i0 += BN_CHUNK) {
+            const int64_t len = n - i0 < BN_CHUNK ? n - i0 : BN_CHUNK;
+#pragma omp simd
+            for (int64_t i = 0; i < len; i++) gm[i] = m[i0 + i] ? KLD(dy[i0 + i]) : (KA)0;
+#pragma omp simd
+            for (int64_t i = 0; i < len; i++) {
+                double g = (double)gm[i];
+                ag[i0 + i] += g;
+                agx[i0 + i] += g * (double)(KLD(x[i0 + i]) - mh[i0 + i] - ml[i0 + i]);
+            }
+        }
+    } else {
+#pragma omp simd
+        for (int64_t i = 0; i < n; i++) {
+            double g = (double)KLD(dy[i]);
+            ag[i] += g;
+            agx[i] += g * (double)(KLD(x[i]) - mh[i] - ml[i]);
+        }
+    }
+}
+
+/* g = dy [* m]; dadd = g (if not NULL; only with a mask); dx = g * k1 - k2 - (x - mh - ml) * k3 (if not
+ * NULL), the expression of seg_bwd_apply. */
+static void KN(run_bwd_apply)(const void *xv, const void *dyv, const uint8_t *m, void *dxv, void *daddv, int64_t n,
+                              const void *mhv, const void *mlv, const void *k1v, const void *k2v, const void *k3v) {
+    const KT *x = (const KT *)xv, *dy = (const KT *)dyv;
+    KT *dx = (KT *)dxv, *dadd = (KT *)daddv;
+    const KA *mh = (const KA *)mhv, *ml = (const KA *)mlv, *k1 = (const KA *)k1v, *k2 = (const KA *)k2v,
+             *k3 = (const KA *)k3v;
+    if (m && dx && dadd) {
+#pragma omp simd
+        for (int64_t i = 0; i < n; i++) {
+            KA g = m[i] ? KLD(dy[i]) : (KA)0;
+            KA v = g * k1[i] - k2[i] - (KLD(x[i]) - mh[i] - ml[i]) * k3[i];
+            dadd[i] = KST(g);
+            dx[i] = KST(v);
+        }
+    } else if (m && dadd) {
+#pragma omp simd
+        for (int64_t i = 0; i < n; i++) dadd[i] = KST(m[i] ? KLD(dy[i]) : (KA)0);
+    } else if (m && dx) {
+#pragma omp simd
+        for (int64_t i = 0; i < n; i++) {
+            KA g = m[i] ? KLD(dy[i]) : (KA)0;
+            dx[i] = KST(g * k1[i] - k2[i] - (KLD(x[i]) - mh[i] - ml[i]) * k3[i]);
+        }
+    } else if (dx) {
+#pragma omp simd
+        for (int64_t i = 0; i < n; i++) dx[i] = KST(KLD(dy[i]) * k1[i] - k2[i] - (KLD(x[i]) - mh[i] - ml[i]) * k3[i]);
+    }
+}

@@ -46,6 +46,16 @@ typedef struct bn_kernels {
     void (*rows_bwd_apply)(const void *x, const void *dy, const uint8_t *mask, int64_t mstride, void *dx,
                            void *dadd, int64_t rows, int64_t C, const void *mean, const void *mean_lo,
                            const void *k1, const void *k2, const void *k3, int stream);
+    /* Runs of small planes (kernel_impl.h): n = np * inner contiguous values, per-channel quantities
+     * expanded to one entry per value (compute type). run_stats is NULL for float64 data. */
+    void (*run_stats)(const void *x, int64_t n, const void *k, double *s1, double *s2);
+    void (*run_apply)(const void *x, void *y, const void *add, uint8_t *mask, int64_t mstride, int64_t np,
+                      int64_t inner, const void *mh, const void *ml, const void *sc, const void *sh, int relu);
+    void (*run_mask_u8)(const uint8_t *mask, int64_t mstride, int64_t np, int64_t inner, uint8_t *m);
+    void (*run_bwd_reduce)(const void *x, const void *dy, const uint8_t *m, int64_t n, const void *mh,
+                           const void *ml, double *ag, double *agx);
+    void (*run_bwd_apply)(const void *x, const void *dy, const uint8_t *m, void *dx, void *dadd, int64_t n,
+                          const void *mh, const void *ml, const void *k1, const void *k2, const void *k3);
     /* Storage <-> float32 conversion of n values (identity copies for F32; NULL for F64). */
     void (*to_f32)(const void *src, float *dst, int64_t n);
     void (*from_f32)(const float *src, void *dst, int64_t n);

@@ -21,12 +21,16 @@
 
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
+#elif defined(__SSE2__)
+#include <emmintrin.h>
 #endif
 
+/* Non-temporal copy (any alignment: the unaligned head and tail use ordinary stores). The SSE2 form
+ * is what the driver (compiled for the baseline x86-64 ISA) gets: it streams the staged runs too. */
 static inline void bn_stream_copy(void *dstv, const void *srcv, size_t bytes) {
     char *dst = (char *)dstv;
     const char *src = (const char *)srcv;
-#if defined(__AVX512F__) || defined(__AVX2__)
+#if defined(__AVX512F__) || defined(__AVX2__) || defined(__SSE2__)
     size_t head = (size_t)(-(uintptr_t)dst & 63);
     if (head > bytes) head = bytes;
     memcpy(dst, src, head);
@@ -35,6 +39,9 @@ static inline void bn_stream_copy(void *dstv, const void *srcv, size_t bytes) {
     for (size_t i = 0; i < body; i += 64) {
 #if defined(__AVX512F__)
         _mm512_stream_si512((__m512i *)(void *)(dst + i), _mm512_loadu_si512((const void *)(src + i)));
+#elif !defined(__AVX2__)
+        for (size_t q = 0; q < 64; q += 16)
+            _mm_stream_si128((__m128i *)(void *)(dst + i + q), _mm_loadu_si128((const __m128i *)(const void *)(src + i + q)));
 #else
         _mm256_stream_si256((__m256i *)(void *)(dst + i), _mm256_loadu_si256((const __m256i *)(const void *)(src + i)));
         _mm256_stream_si256((__m256i *)(void *)(dst + i + 32),
@@ -48,7 +55,7 @@ static inline void bn_stream_copy(void *dstv, const void *srcv, size_t bytes) {
 }
 
 static inline void bn_stream_fence(void) {
-#if defined(__AVX512F__) || defined(__AVX2__)
+#if defined(__AVX512F__) || defined(__AVX2__) || defined(__SSE2__)
     _mm_sfence();
 #endif
 }
