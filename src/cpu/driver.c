@@ -491,9 +491,12 @@ static void bn_fwd_run_schedule(const bn_fwd_ctx *f, int nt, double *scratch, co
                 bn_expand(r.c1, j, inner, (float)scale);
                 bn_expand(r.c2, j, inner, (float)shift);
             }
-            /* reverse order: the runs read last by the statistics are still in cache */
-            for (int64_t o = g->outer - 1; o >= 0; o--) {
-                const int64_t off = (o * C + c0) * inner;
+            /* training: reverse order, the runs read last by the statistics are still in cache;
+               inference: memory order, the runs ahead prefetched (they come from DRAM) */
+            for (int64_t q = 0; q < g->outer; q++) {
+                const int64_t o = imean ? q : g->outer - 1 - q, off = (o * C + c0) * inner;
+                if (imean && q + BN_PREFETCH_AHEAD < g->outer)
+                    bn_prefetch_run(bn_at(a->x, off + BN_PREFETCH_AHEAD * C * inner, es), (size_t)n * es);
                 uint8_t *mask = a->relu_mask ? (uint8_t *)a->relu_mask + (o * C + c0) * f->mask_stride : NULL;
                 char *y = (char *)a->y + off * (int64_t)es;
                 f->k->run_apply(bn_at(a->x, off, es), f->stream ? (void *)r.st1 : (void *)y, bn_at(a->addend, off, es), mask,
@@ -608,11 +611,18 @@ static void bn_fwd_apply_split(const bn_fwd_ctx *f, int nt, const double *mean, 
         } else {
             bn_range(g->outer, t, nt, &lo, &hi);
             if (hi <= lo) continue;
-            int64_t off = lo * C;
-            uint8_t *mask = a->relu_mask ? (uint8_t *)a->relu_mask + lo * f->mask_stride : NULL;
-            f->k->rows_apply(bn_at(a->x, off, g->esize), (char *)a->y + off * (int64_t)g->esize,
-                             bn_at(a->addend, off, g->esize), mask, f->mask_stride, hi - lo, C, ka_mean,
-                             ka_mlo, ka_scale, ka_shift, a->relu, f->stream);
+            /* after the statistics pass (training), the rows read last are still in this core's caches:
+               apply in pieces of about 64 KiB from the end of the range back */
+            int64_t piece = a->training ? (int64_t)(65536 / ((size_t)C * g->esize)) : hi - lo;
+            if (piece < 1) piece = 1;
+            for (int64_t r1 = hi; r1 > lo;) {
+                const int64_t r0 = r1 - piece > lo ? r1 - piece : lo, off = r0 * C;
+                uint8_t *mask = a->relu_mask ? (uint8_t *)a->relu_mask + r0 * f->mask_stride : NULL;
+                f->k->rows_apply(bn_at(a->x, off, g->esize), (char *)a->y + off * (int64_t)g->esize,
+                                 bn_at(a->addend, off, g->esize), mask, f->mask_stride, r1 - r0, C, ka_mean,
+                                 ka_mlo, ka_scale, ka_shift, a->relu, f->stream);
+                r1 = r0;
+            }
         }
     }
 }
