@@ -5,7 +5,7 @@
  *
  *   bnorm_bench [--quick | --full] [--threads 1,2] [--dtypes f32,bf16,f16] [--layouts cf,cl]
  *               [--sets resnet,bn1d,large] [--shape N,C[,d...]]... [--reps R] [--no-dnnl] [--no-torch]
- *               [--out PREFIX]
+ *               [--out PREFIX] [--offset BYTES]
  *
  * Minimum traffic (bytes that must cross the memory bus): forward training and inference read x and
  * write y; backward reads x and dy and writes dx; the fused forward also reads the addend and writes
@@ -212,6 +212,11 @@ static double min_bytes(int op, int64_t n, size_t es) {
     return 0;
 }
 
+/* Tensors start g_offset bytes past a 64-byte boundary (--offset: e.g. 16, what malloc gives). */
+static size_t g_offset = 0;
+static void *talloc(size_t bytes) { return (char *)xalloc(bytes + 64) + g_offset; }
+static void tfree(void *p) { free((char *)p - g_offset); }
+
 /* Buffers of one (shape, dtype): allocated once, reused by every op and thread count. */
 typedef struct bufs {
     void *x, *y, *dy, *dx, *add, *dadd, *mask;
@@ -251,8 +256,8 @@ static void fill(void *p, int64_t n, int dt, float lo, float hi, uint32_t seed) 
 static void bufs_alloc(bufs *B, const bnorm_desc *d, int maxthreads) {
     int64_t n = bnorm_desc_numel(d), C = d->dims[1];
     size_t es = bnorm_dtype_size(d->dtype), bytes = (size_t)n * es;
-    B->x = xalloc(bytes); B->y = xalloc(bytes); B->dy = xalloc(bytes); B->dx = xalloc(bytes);
-    B->add = xalloc(bytes); B->dadd = xalloc(bytes);
+    B->x = talloc(bytes); B->y = talloc(bytes); B->dy = talloc(bytes); B->dx = talloc(bytes);
+    B->add = talloc(bytes); B->dadd = talloc(bytes);
     B->mask = xalloc(bnorm_relu_mask_size(d));
     fill(B->x, n, d->dtype, -1.0f, 3.0f, 1u);
     fill(B->dy, n, d->dtype, -1.0f, 1.0f, 2u);
@@ -271,8 +276,9 @@ static void bufs_alloc(bufs *B, const bnorm_desc *d, int maxthreads) {
 }
 
 static void bufs_free(bufs *B) {
-    void *p[] = {B->x, B->y, B->dy, B->dx, B->add, B->dadd, B->mask, B->w, B->b, B->rm, B->rv,
-                 B->sm, B->si, B->dw, B->db, B->var, B->ws};
+    void *t[] = {B->x, B->y, B->dy, B->dx, B->add, B->dadd};
+    for (size_t i = 0; i < sizeof t / sizeof *t; i++) tfree(t[i]);
+    void *p[] = {B->mask, B->w, B->b, B->rm, B->rv, B->sm, B->si, B->dw, B->db, B->var, B->ws};
     for (size_t i = 0; i < sizeof p / sizeof *p; i++) free(p[i]);
 }
 
@@ -406,7 +412,7 @@ static void usage(void) {
     fprintf(stderr,
             "usage: bnorm_bench [--quick|--full] [--threads 1,2] [--dtypes f32,bf16,f16] [--layouts cf,cl]\n"
             "                   [--sets resnet,bn1d,large] [--shape N,C[,d...]]... [--reps R]\n"
-            "                   [--no-dnnl] [--no-torch] [--torch-script PATH] [--out PREFIX]\n");
+            "                   [--no-dnnl] [--no-torch] [--torch-script PATH] [--out PREFIX] [--offset BYTES]\n");
 }
 
 static int parse_ints(const char *s, int *out, int cap) {
@@ -456,6 +462,11 @@ static int parse_opts(int argc, char **argv, opts *o) {
         else if (!strcmp(a, "--reps")) { o->reps = atoi(v); if (o->reps < 1) return 0; i++; }
         else if (!strcmp(a, "--sets")) { snprintf(o->sets, sizeof o->sets, "%s", v); i++; }
         else if (!strcmp(a, "--out")) { o->out = v; i++; }
+        else if (!strcmp(a, "--offset")) {
+            int b = atoi(v);
+            if (b < 0 || b >= 64 || b % 4) { fprintf(stderr, "--offset %s: need 0, 4, ..., 60\n", v); return 0; }
+            g_offset = (size_t)b; i++;
+        }
         else if (!strcmp(a, "--torch-script")) { o->torch_script = v; i++; }
         else if (!strcmp(a, "--shape")) {
             if (o->nuser >= 64 || !parse_shape(v, &o->user[o->nuser])) { fprintf(stderr, "bad --shape %s\n", v); return 0; }

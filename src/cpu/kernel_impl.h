@@ -135,6 +135,21 @@ static inline KA KN(relu)(KA z) { return z <= (KA)0 ? (KA)0 : z; }
 #define BN_CHUNK 256
 #endif
 
+#ifndef BN_CHUNK_LEN_DEFINED
+#define BN_CHUNK_LEN_DEFINED
+/* Length of the chunk of an output streamed through the staging buffer that starts at `out` with
+ * `left` values to go. With `align`, the chunk ends on a 64-byte boundary of the output, so only the
+ * first and last lines of the whole range get ordinary stores: with an output that is not 64-byte
+ * aligned (malloc gives 16), chunks of BN_CHUNK values would split a line at every chunk boundary
+ * between a streaming and an ordinary store, a read-for-ownership from DRAM each time. Not with a
+ * mask (its chunks must start on a byte of bits). out is aligned to its element size (bnorm.h). */
+static inline int64_t bn_chunk_len(const void *out, size_t es, int64_t left, int align) {
+    int64_t len = BN_CHUNK;
+    if (align) len -= (int64_t)(((uintptr_t)out & 63) / es);
+    return left < len ? left : len;
+}
+#endif
+
 /* y = (x - mean - mlo) * scale + shift [+ add] [ReLU] over n values, scalar coefficients. */
 static inline void KN(apply_run)(const KT *x, KT *y, const KT *add, int64_t n, KA mean, KA mlo, KA scale,
                                  KA shift, int relu) {
@@ -176,8 +191,8 @@ static void KN(seg_apply)(const void *xv, void *yv, const void *addv, uint8_t *m
     }
     KT stage[BN_CHUNK];
     KA z[BN_CHUNK];
-    for (int64_t i0 = 0; i0 < n; i0 += BN_CHUNK) {
-        const int64_t len = n - i0 < BN_CHUNK ? n - i0 : BN_CHUNK;
+    for (int64_t i0 = 0, len; i0 < n; i0 += len) {
+        len = bn_chunk_len(y + i0, sizeof(KT), n - i0, stream && !mask);
         const KT *xc = x + i0, *ac = add ? add + i0 : NULL;
         KT *out = stream ? stage : y + i0;
         if (mask) {
@@ -287,8 +302,8 @@ static void KN(seg_bwd_apply)(const void *xv, const void *dyv, const uint8_t *ma
     }
     uint8_t m[BN_CHUNK];
     KT sdx[BN_CHUNK], sda[BN_CHUNK];
-    for (int64_t i0 = 0; i0 < n; i0 += BN_CHUNK) {
-        const int64_t len = n - i0 < BN_CHUNK ? n - i0 : BN_CHUNK;
+    for (int64_t i0 = 0, len; i0 < n; i0 += len) {
+        len = bn_chunk_len(dx ? dx + i0 : NULL, sizeof(KT), n - i0, stream && !mask && dx);
         if (mask) bn_bits_to_u8(mask + (i0 >> 3), len, m);
         KT *odx = dx ? (stream ? sdx : dx + i0) : NULL;
         KT *oda = mask && dadd ? (stream ? sda : dadd + i0) : NULL;
@@ -426,18 +441,44 @@ static void KN(rows_stats)(const void *xv, int64_t rows, int64_t C, const void *
     }
 }
 
+static void KN(run_apply)(const void *xv, void *yv, const void *addv, uint8_t *mask, int64_t mstride, int64_t np,
+                          int64_t inner, const void *mhv, const void *mlv, const void *scv, const void *shv, int relu);
+static void KN(run_bwd_apply)(const void *xv, const void *dyv, const uint8_t *m, void *dxv, void *daddv, int64_t n,
+                              const void *mhv, const void *mlv, const void *k1v, const void *k2v, const void *k3v);
+
+/* Streaming without a mask, the rows kernels walk the whole range as one flat array in chunks that end
+ * on 64-byte lines of the output (bn_chunk_len), each chunk cut at row boundaries into pieces with
+ * their coefficient offsets: with rows that are not a multiple of 64 bytes (C = 64 float16, or an
+ * output that is not 64-byte aligned) chunking row by row would leave a partial line at every row. */
 static void KN(rows_apply)(const void *xv, void *yv, const void *addv, uint8_t *mask, int64_t mstride,
                            int64_t rows, int64_t C, const void *meanv, const void *mlov,
                            const void *scalev, const void *shiftv, int relu, int stream) {
     const KA *mean = (const KA *)meanv, *mlo = (const KA *)mlov, *scale = (const KA *)scalev, *shift = (const KA *)shiftv;
     KT stage[BN_CHUNK];
     KA z[BN_CHUNK];
+    if (stream && !mask) {
+        const KT *x = (const KT *)xv, *add = (const KT *)addv;
+        KT *y = (KT *)yv;
+        const int64_t n = rows * C;
+        for (int64_t i0 = 0, len; i0 < n; i0 += len) {
+            len = bn_chunk_len(y + i0, sizeof(KT), n - i0, 1);
+            for (int64_t p = i0, c = i0 % C; p < i0 + len; c = 0) {
+                const int64_t seg = C - c < i0 + len - p ? C - c : i0 + len - p;
+                KN(run_apply)(x + p, stage + (p - i0), add ? add + p : NULL, NULL, 0, 1, seg, mean + c, mlo + c,
+                              scale + c, shift + c, relu);
+                p += seg;
+            }
+            bn_stream_copy(y + i0, stage, (size_t)len * sizeof(KT));
+        }
+        bn_stream_fence();
+        return;
+    }
     for (int64_t r = 0; r < rows; r++) {
         const KT *xr = (const KT *)xv + r * C;
         const KT *ar = addv ? (const KT *)addv + r * C : NULL;
         KT *yr = (KT *)yv + r * C;
-        for (int64_t c0 = 0; c0 < C; c0 += BN_CHUNK) {
-            const int64_t len = C - c0 < BN_CHUNK ? C - c0 : BN_CHUNK;
+        for (int64_t c0 = 0, len; c0 < C; c0 += len) {
+            len = bn_chunk_len(yr + c0, sizeof(KT), C - c0, stream && !mask);
             const KT *xc = xr + c0, *ac = ar ? ar + c0 : NULL;
             const KA *mc = mean + c0, *lc = mlo + c0, *sc = scale + c0, *bc = shift + c0;
             KT *out = stream ? stage : yr + c0;
@@ -572,12 +613,30 @@ static void KN(rows_bwd_apply)(const void *xv, const void *dyv, const uint8_t *m
     const KA *mean = (const KA *)meanv, *mlo = (const KA *)mlov, *k1 = (const KA *)k1v, *k2 = (const KA *)k2v, *k3 = (const KA *)k3v;
     uint8_t m[BN_CHUNK];
     KT sdx[BN_CHUNK], sda[BN_CHUNK];
+    if (stream && !mask) { /* flat chunks on output lines, as rows_apply */
+        if (!dxv) return;
+        const KT *x = (const KT *)xv, *dy = (const KT *)dyv;
+        KT *dx = (KT *)dxv;
+        const int64_t n = rows * C;
+        for (int64_t i0 = 0, len; i0 < n; i0 += len) {
+            len = bn_chunk_len(dx + i0, sizeof(KT), n - i0, 1);
+            for (int64_t p = i0, c = i0 % C; p < i0 + len; c = 0) {
+                const int64_t seg = C - c < i0 + len - p ? C - c : i0 + len - p;
+                KN(run_bwd_apply)(x + p, dy + p, NULL, sdx + (p - i0), NULL, seg, mean + c, mlo + c, k1 + c, k2 + c,
+                                  k3 + c);
+                p += seg;
+            }
+            bn_stream_copy(dx + i0, sdx, (size_t)len * sizeof(KT));
+        }
+        bn_stream_fence();
+        return;
+    }
     for (int64_t r = 0; r < rows; r++) {
         const KT *xr = (const KT *)xv + r * C, *gr = (const KT *)dyv + r * C;
         KT *dxr = dxv ? (KT *)dxv + r * C : NULL;
         KT *dar = mask && daddv ? (KT *)daddv + r * C : NULL;
-        for (int64_t c0 = 0; c0 < C; c0 += BN_CHUNK) {
-            const int64_t len = C - c0 < BN_CHUNK ? C - c0 : BN_CHUNK;
+        for (int64_t c0 = 0, len; c0 < C; c0 += len) {
+            len = bn_chunk_len(dxr ? dxr + c0 : NULL, sizeof(KT), C - c0, stream && !mask && dxr);
             const KT *xc = xr + c0, *gc = gr + c0;
             const KA *mc = mean + c0, *lc = mlo + c0, *a1 = k1 + c0, *a2 = k2 + c0, *a3 = k3 + c0;
             KT *odx = dxr ? (stream ? sdx : dxr + c0) : NULL;
