@@ -23,11 +23,13 @@
 
 enum { BN_HDR = 8, BN_OP_FORWARD = 1, BN_OP_BACKWARD = 2, BN_MAGIC = 0x626e6f72 };
 
-/* Outputs of at least this many bytes are written with streaming (non-temporal) stores: they are too
- * big to stay cached for the next layer anyway, and streaming saves the read-for-ownership of every
- * output line and keeps the input's cached slice from being evicted. */
+/* Outputs of at least this many bytes are written with streaming (non-temporal) stores: they do not
+ * fit a core's L2 next to their input, and streaming saves the read-for-ownership of every output
+ * line and keeps the input's cached slice from being evicted. (Was 16 MiB; tensors of 1-16 MiB that
+ * the L3 could hold measured faster streamed when other work runs between calls: docs/performance.md
+ * note 22. oneDNN streams aligned outputs of any size.) */
 #ifndef BN_STREAM_MIN_BYTES
-#define BN_STREAM_MIN_BYTES (16.0 * 1024 * 1024)
+#define BN_STREAM_MIN_BYTES (1.0 * 1024 * 1024)
 #endif
 
 static int bn_threads(void) {
