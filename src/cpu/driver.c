@@ -24,12 +24,20 @@
 enum { BN_HDR = 8, BN_OP_FORWARD = 1, BN_OP_BACKWARD = 2, BN_MAGIC = 0x626e6f72 };
 
 /* Outputs of at least this many bytes are written with streaming (non-temporal) stores: they do not
- * fit a core's L2 next to their input, and streaming saves the read-for-ownership of every output
- * line and keeps the input's cached slice from being evicted. (Was 16 MiB; tensors of 1-16 MiB that
- * the L3 could hold measured faster streamed when other work runs between calls: docs/performance.md
- * note 22. oneDNN streams aligned outputs of any size.) */
-#ifndef BN_STREAM_MIN_BYTES
-#define BN_STREAM_MIN_BYTES (1.0 * 1024 * 1024)
+ * stay cached for the next layer anyway, and streaming saves the read-for-ownership of every output
+ * line and keeps the input's cached slice from being evicted. Measured thresholds (docs/performance.md
+ * note 22): rows (channels-last, (N,C)) gain from 1 MiB on, L3-sized NHWC tensors included; planes
+ * (channels-first) of 1-16 MiB measured slower streamed than cached, so they keep 16 MiB. BN_STREAM_MIN_BYTES overrides both (tests, comparisons). */
+#ifdef BN_STREAM_MIN_BYTES
+#define BN_STREAM_MIN_PLANES BN_STREAM_MIN_BYTES
+#define BN_STREAM_MIN_ROWS BN_STREAM_MIN_BYTES
+#else
+#define BN_STREAM_MIN_PLANES (16.0 * 1024 * 1024)
+#define BN_STREAM_MIN_ROWS (1.0 * 1024 * 1024)
+#endif
+static int bn_stream_output(const bn_geom *g) {
+    return (double)g->numel * (double)g->esize >= (g->planes ? BN_STREAM_MIN_PLANES : BN_STREAM_MIN_ROWS);
+}
 #endif
 
 static int bn_threads(void) {
@@ -674,7 +682,7 @@ bnorm_status bnorm_forward(const bnorm_forward_args *a) {
     f.pd = bnorm_param_dtype(a->desc.dtype);
     f.dbl = a->desc.dtype == BNORM_DTYPE_F64;
     f.mask_stride = bn_mask_stride(&f.g);
-    f.stream = (double)f.g.numel * (double)f.g.esize >= BN_STREAM_MIN_BYTES;
+    f.stream = bn_stream_output(&f.g);
     const bn_geom *g = &f.g;
     const int64_t C = g->C;
     const int nt = bn_threads();
@@ -1130,7 +1138,7 @@ bnorm_status bnorm_backward(const bnorm_backward_args *a) {
     b.pd = bnorm_param_dtype(a->desc.dtype);
     b.dbl = a->desc.dtype == BNORM_DTYPE_F64;
     b.mask_stride = bn_mask_stride(&b.g);
-    b.stream = (double)b.g.numel * (double)b.g.esize >= BN_STREAM_MIN_BYTES;
+    b.stream = bn_stream_output(&b.g);
     b.n_total = (double)b.g.m;
     const bn_geom *g = &b.g;
     const int64_t C = g->C;
