@@ -27,7 +27,8 @@ enum { BN_HDR = 8, BN_OP_FORWARD = 1, BN_OP_BACKWARD = 2, BN_MAGIC = 0x626e6f72 
  * stay cached for the next layer anyway, and streaming saves the read-for-ownership of every output
  * line and keeps the input's cached slice from being evicted. Measured thresholds (docs/performance.md
  * note 22): rows (channels-last, (N,C)) gain from 1 MiB on, L3-sized NHWC tensors included; planes
- * (channels-first) of 1-16 MiB measured slower streamed than cached, so they keep 16 MiB. BN_STREAM_MIN_BYTES overrides both (tests, comparisons). */
+ * (channels-first) of 1-16 MiB measured slower streamed than cached, so they keep 16 MiB.
+ * BN_STREAM_MIN_BYTES overrides both (tests, comparisons). */
 #ifdef BN_STREAM_MIN_BYTES
 #define BN_STREAM_MIN_PLANES BN_STREAM_MIN_BYTES
 #define BN_STREAM_MIN_ROWS BN_STREAM_MIN_BYTES
@@ -38,7 +39,6 @@ enum { BN_HDR = 8, BN_OP_FORWARD = 1, BN_OP_BACKWARD = 2, BN_MAGIC = 0x626e6f72 
 static int bn_stream_output(const bn_geom *g) {
     return (double)g->numel * (double)g->esize >= (g->planes ? BN_STREAM_MIN_PLANES : BN_STREAM_MIN_ROWS);
 }
-#endif
 
 static int bn_threads(void) {
 #ifdef _OPENMP
