@@ -58,7 +58,7 @@ static int bn_threads(void) {
 enum { BN_RUN_SCRATCH = (2 * 8 * BN_RUN + 6 * 4 * BN_RUN + BN_RUN + 2 * 4 * BN_RUN) / 8 + 128 };
 
 static int bn_small_planes(const bn_geom *g, bnorm_dtype dt) {
-    return g->planes && dt != BNORM_DTYPE_F64 && (size_t)g->inner * g->esize < BN_SMALL_PLANE;
+    return g->planes && dt != BNORM_DTYPE_F64 && (size_t)g->inner * g->esize < BN_SMALL_PLANE && g->inner <= BN_RUN;
 }
 
 /* Workspace in doubles: per thread 7C (+ the run scratch for small planes), shared 14C, communicator
