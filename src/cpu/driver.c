@@ -407,6 +407,16 @@ static bn_run_scratch bn_run_scratch_at(double *base, int t) {
     return r;
 }
 
+/* Inside a parallel region: this thread's scratch and its share [lo, hi) of the C channels. */
+static bn_run_scratch bn_run_thread(double *scratch, int64_t C, int64_t *lo, int64_t *hi) {
+    int t = 0;
+#ifdef _OPENMP
+    t = omp_get_thread_num();
+#endif
+    bn_thread_channels(C, lo, hi);
+    return bn_run_scratch_at(scratch, t);
+}
+
 /* Fills v[j * inner + i] = val for i < inner. */
 static void bn_expand(float *v, int64_t j, int64_t inner, float val) {
     float *q = v + j * inner;
@@ -446,13 +456,8 @@ static void bn_fwd_run_schedule(const bn_fwd_ctx *f, int nt, double *scratch, co
     const int64_t cb = bn_run_channels(g, 1);
 #pragma omp parallel num_threads(nt)
     {
-        int t = 0;
-#ifdef _OPENMP
-        t = omp_get_thread_num();
-#endif
-        bn_run_scratch r = bn_run_scratch_at(scratch, t);
         int64_t lo, hi;
-        bn_thread_channels(C, &lo, &hi);
+        bn_run_scratch r = bn_run_thread(scratch, C, &lo, &hi);
         for (int64_t c0 = lo; c0 < hi; c0 += cb) {
             const int64_t nc = hi - c0 < cb ? hi - c0 : cb, n = nc * inner;
             if (!imean) {
@@ -950,13 +955,8 @@ static void bn_bwd_run_schedule(const bn_bwd_ctx *b, int nt, int need_sums, doub
     const int wdx = a->dx != NULL, wda = a->daddend && a->relu_mask;
 #pragma omp parallel num_threads(nt)
     {
-        int t = 0;
-#ifdef _OPENMP
-        t = omp_get_thread_num();
-#endif
-        bn_run_scratch r = bn_run_scratch_at(scratch, t);
         int64_t lo, hi;
-        bn_thread_channels(C, &lo, &hi);
+        bn_run_scratch r = bn_run_thread(scratch, C, &lo, &hi);
         for (int64_t c0 = lo; c0 < hi; c0 += cb) {
             const int64_t nc = hi - c0 < cb ? hi - c0 : cb, n = nc * inner;
             double mean[BN_RUN_BLOCK_MAX], invstd[BN_RUN_BLOCK_MAX], sg[BN_RUN_BLOCK_MAX], sgx[BN_RUN_BLOCK_MAX];

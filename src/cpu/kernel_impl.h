@@ -126,6 +126,63 @@ static void KN(seg_stats)(const void *xv, int64_t n, double *mean, double *m2) {
 
 static inline KA KN(relu)(KA z) { return z <= (KA)0 ? (KA)0 : z; }
 
+#ifndef BN_LOOPS_DEFINED
+#define BN_LOOPS_DEFINED
+/* The element-wise loops, written once for scalar and per-value coefficients: MH, ML, SC, SH, K1, K2,
+ * K3 are expressions in i (a variable, or an array element such as sc[i]), so every kernel evaluates
+ * the identical expression and gives identical results. They use KT/KA/KLD/KST/KN of the including
+ * instantiation. dx and dadd may be identical to dy: every lane reads its g before writing. */
+#define BN_SIMD _Pragma("omp simd")
+/* out = (x - MH - ML) * SC + SH [+ add] [ReLU] */
+#define BN_APPLY_LOOPS(out, x, add, n, relu, MH, ML, SC, SH)                                                 \
+    do {                                                                                                     \
+        if ((add) && (relu)) {                                                                               \
+            BN_SIMD for (int64_t i = 0; i < (n); i++)                                                        \
+                (out)[i] = KST(KN(relu)((KLD((x)[i]) - (MH) - (ML)) * (SC) + (SH) + KLD((add)[i])));         \
+        } else if (add) {                                                                                    \
+            BN_SIMD for (int64_t i = 0; i < (n); i++)                                                        \
+                (out)[i] = KST((KLD((x)[i]) - (MH) - (ML)) * (SC) + (SH) + KLD((add)[i]));                   \
+        } else if (relu) {                                                                                   \
+            BN_SIMD for (int64_t i = 0; i < (n); i++)                                                        \
+                (out)[i] = KST(KN(relu)((KLD((x)[i]) - (MH) - (ML)) * (SC) + (SH)));                         \
+        } else {                                                                                             \
+            BN_SIMD for (int64_t i = 0; i < (n); i++) (out)[i] = KST((KLD((x)[i]) - (MH) - (ML)) * (SC) + (SH)); \
+        }                                                                                                    \
+    } while (0)
+/* z (compute type) = (x - MH - ML) * SC + SH [+ add], before the mask and the ReLU */
+#define BN_Z_LOOPS(z, x, add, n, MH, ML, SC, SH)                                                             \
+    do {                                                                                                     \
+        if (add) {                                                                                           \
+            BN_SIMD for (int64_t i = 0; i < (n); i++)                                                        \
+                (z)[i] = (KLD((x)[i]) - (MH) - (ML)) * (SC) + (SH) + KLD((add)[i]);                          \
+        } else {                                                                                             \
+            BN_SIMD for (int64_t i = 0; i < (n); i++) (z)[i] = (KLD((x)[i]) - (MH) - (ML)) * (SC) + (SH);    \
+        }                                                                                                    \
+    } while (0)
+/* g = dy [* m]; dadd = g (with a mask); dx = g * K1 - K2 - (x - MH - ML) * K3 */
+#define BN_BWD_LOOPS(dx, dadd, x, dy, m, n, MH, ML, K1, K2, K3)                                              \
+    do {                                                                                                     \
+        if ((m) && (dx) && (dadd)) {                                                                         \
+            BN_SIMD for (int64_t i = 0; i < (n); i++) {                                                      \
+                KA g_ = (m)[i] ? KLD((dy)[i]) : (KA)0;                                                       \
+                KA v_ = g_ * (K1) - (K2) - (KLD((x)[i]) - (MH) - (ML)) * (K3);                               \
+                (dadd)[i] = KST(g_);                                                                         \
+                (dx)[i] = KST(v_);                                                                           \
+            }                                                                                                \
+        } else if ((m) && (dadd)) {                                                                          \
+            BN_SIMD for (int64_t i = 0; i < (n); i++)(dadd)[i] = KST((m)[i] ? KLD((dy)[i]) : (KA)0);         \
+        } else if ((m) && (dx)) {                                                                            \
+            BN_SIMD for (int64_t i = 0; i < (n); i++) {                                                      \
+                KA g_ = (m)[i] ? KLD((dy)[i]) : (KA)0;                                                       \
+                (dx)[i] = KST(g_ * (K1) - (K2) - (KLD((x)[i]) - (MH) - (ML)) * (K3));                        \
+            }                                                                                                \
+        } else if (dx) {                                                                                     \
+            BN_SIMD for (int64_t i = 0; i < (n); i++)                                                        \
+                (dx)[i] = KST(KLD((dy)[i]) * (K1) - (K2) - (KLD((x)[i]) - (MH) - (ML)) * (K3));              \
+        }                                                                                                    \
+    } while (0)
+#endif
+
 /* Apply kernels work in chunks of BN_CHUNK values (a multiple of 8, so a chunk's mask bits start on a
  * byte). With `stream`, a chunk is computed into a small staging buffer (L1) and then written with
  * streaming stores (bn_stream_copy): the output bypasses the caches, so it neither costs a
@@ -157,19 +214,7 @@ static inline int64_t bn_chunk_len(const void *out, size_t es, int64_t left, int
 /* y = (x - mean - mlo) * scale + shift [+ add] [ReLU] over n values, scalar coefficients. */
 static inline void KN(apply_run)(const KT *x, KT *y, const KT *add, int64_t n, KA mean, KA mlo, KA scale,
                                  KA shift, int relu) {
-    if (add && relu) {
-#pragma omp simd
-        for (int64_t i = 0; i < n; i++) y[i] = KST(KN(relu)((KLD(x[i]) - mean - mlo) * scale + shift + KLD(add[i])));
-    } else if (add) {
-#pragma omp simd
-        for (int64_t i = 0; i < n; i++) y[i] = KST((KLD(x[i]) - mean - mlo) * scale + shift + KLD(add[i]));
-    } else if (relu) {
-#pragma omp simd
-        for (int64_t i = 0; i < n; i++) y[i] = KST(KN(relu)((KLD(x[i]) - mean - mlo) * scale + shift));
-    } else {
-#pragma omp simd
-        for (int64_t i = 0; i < n; i++) y[i] = KST((KLD(x[i]) - mean - mlo) * scale + shift);
-    }
+    BN_APPLY_LOOPS(y, x, add, n, relu, mean, mlo, scale, shift);
 }
 
 /* z (compute type) of a masked chunk, then its bits and the stored output. */
@@ -200,13 +245,7 @@ static void KN(seg_apply)(const void *xv, void *yv, const void *addv, uint8_t *m
         const KT *xc = x + i0, *ac = add ? add + i0 : NULL;
         KT *out = stream ? stage : y + i0;
         if (mask) {
-            if (ac) {
-#pragma omp simd
-                for (int64_t i = 0; i < len; i++) z[i] = (KLD(xc[i]) - mean - mlo) * scale + shift + KLD(ac[i]);
-            } else {
-#pragma omp simd
-                for (int64_t i = 0; i < len; i++) z[i] = (KLD(xc[i]) - mean - mlo) * scale + shift;
-            }
+            BN_Z_LOOPS(z, xc, ac, len, mean, mlo, scale, shift);
             KN(masked_out)(z, out, mask + (i0 >> 3), len, relu);
         } else {
             KN(apply_run)(xc, out, ac, len, mean, mlo, scale, shift, relu);
@@ -272,27 +311,7 @@ static void KN(seg_bwd_reduce)(const void *xv, const void *dyv, const uint8_t *m
  * dx and dadd may be identical to dy: every lane reads its g before writing. */
 static inline void KN(bwd_run)(const KT *x, const KT *dy, const uint8_t *m, KT *dx, KT *dadd, int64_t n, KA mean,
                                KA mlo, KA k1, KA k2, KA k3) {
-    if (m && dx && dadd) {
-#pragma omp simd
-        for (int64_t i = 0; i < n; i++) {
-            KA g = m[i] ? KLD(dy[i]) : (KA)0;
-            KA v = g * k1 - k2 - (KLD(x[i]) - mean - mlo) * k3;
-            dadd[i] = KST(g);
-            dx[i] = KST(v);
-        }
-    } else if (m && dadd) {
-#pragma omp simd
-        for (int64_t i = 0; i < n; i++) dadd[i] = KST(m[i] ? KLD(dy[i]) : (KA)0);
-    } else if (m && dx) {
-#pragma omp simd
-        for (int64_t i = 0; i < n; i++) {
-            KA g = m[i] ? KLD(dy[i]) : (KA)0;
-            dx[i] = KST(g * k1 - k2 - (KLD(x[i]) - mean - mlo) * k3);
-        }
-    } else if (dx) {
-#pragma omp simd
-        for (int64_t i = 0; i < n; i++) dx[i] = KST(KLD(dy[i]) * k1 - k2 - (KLD(x[i]) - mean - mlo) * k3);
-    }
+    BN_BWD_LOOPS(dx, dadd, x, dy, m, n, mean, mlo, k1, k2, k3);
 }
 
 static void KN(seg_bwd_apply)(const void *xv, const void *dyv, const uint8_t *mask, void *dxv, void *daddv,
@@ -487,27 +506,10 @@ static void KN(rows_apply)(const void *xv, void *yv, const void *addv, uint8_t *
             const KA *mc = mean + c0, *lc = mlo + c0, *sc = scale + c0, *bc = shift + c0;
             KT *out = stream ? stage : yr + c0;
             if (mask) {
-                if (ac) {
-#pragma omp simd
-                    for (int64_t i = 0; i < len; i++) z[i] = (KLD(xc[i]) - mc[i] - lc[i]) * sc[i] + bc[i] + KLD(ac[i]);
-                } else {
-#pragma omp simd
-                    for (int64_t i = 0; i < len; i++) z[i] = (KLD(xc[i]) - mc[i] - lc[i]) * sc[i] + bc[i];
-                }
+                BN_Z_LOOPS(z, xc, ac, len, mc[i], lc[i], sc[i], bc[i]);
                 KN(masked_out)(z, out, mask + r * mstride + (c0 >> 3), len, relu);
-            } else if (ac && relu) {
-#pragma omp simd
-                for (int64_t i = 0; i < len; i++)
-                    out[i] = KST(KN(relu)((KLD(xc[i]) - mc[i] - lc[i]) * sc[i] + bc[i] + KLD(ac[i])));
-            } else if (ac) {
-#pragma omp simd
-                for (int64_t i = 0; i < len; i++) out[i] = KST((KLD(xc[i]) - mc[i] - lc[i]) * sc[i] + bc[i] + KLD(ac[i]));
-            } else if (relu) {
-#pragma omp simd
-                for (int64_t i = 0; i < len; i++) out[i] = KST(KN(relu)((KLD(xc[i]) - mc[i] - lc[i]) * sc[i] + bc[i]));
             } else {
-#pragma omp simd
-                for (int64_t i = 0; i < len; i++) out[i] = KST((KLD(xc[i]) - mc[i] - lc[i]) * sc[i] + bc[i]);
+                BN_APPLY_LOOPS(out, xc, ac, len, relu, mc[i], lc[i], sc[i], bc[i]);
             }
             if (stream) bn_stream_copy(yr + c0, stage, (size_t)len * sizeof(KT));
         }
@@ -645,31 +647,9 @@ static void KN(rows_bwd_apply)(const void *xv, const void *dyv, const uint8_t *m
             const KA *mc = mean + c0, *lc = mlo + c0, *a1 = k1 + c0, *a2 = k2 + c0, *a3 = k3 + c0;
             KT *odx = dxr ? (stream ? sdx : dxr + c0) : NULL;
             KT *oda = dar ? (stream ? sda : dar + c0) : NULL;
-            if (mask) {
-                bn_bits_to_u8(mask + r * mstride + (c0 >> 3), len, m);
-                if (odx && oda) {
-#pragma omp simd
-                    for (int64_t i = 0; i < len; i++) {
-                        KA g = m[i] ? KLD(gc[i]) : (KA)0;
-                        KA v = g * a1[i] - a2[i] - (KLD(xc[i]) - mc[i] - lc[i]) * a3[i];
-                        oda[i] = KST(g);
-                        odx[i] = KST(v);
-                    }
-                } else if (oda) {
-#pragma omp simd
-                    for (int64_t i = 0; i < len; i++) oda[i] = KST(m[i] ? KLD(gc[i]) : (KA)0);
-                } else if (odx) {
-#pragma omp simd
-                    for (int64_t i = 0; i < len; i++) {
-                        KA g = m[i] ? KLD(gc[i]) : (KA)0;
-                        odx[i] = KST(g * a1[i] - a2[i] - (KLD(xc[i]) - mc[i] - lc[i]) * a3[i]);
-                    }
-                }
-            } else if (odx) {
-#pragma omp simd
-                for (int64_t i = 0; i < len; i++)
-                    odx[i] = KST(KLD(gc[i]) * a1[i] - a2[i] - (KLD(xc[i]) - mc[i] - lc[i]) * a3[i]);
-            }
+            if (mask) bn_bits_to_u8(mask + r * mstride + (c0 >> 3), len, m);
+            const uint8_t *mm = mask ? m : NULL;
+            BN_BWD_LOOPS(odx, oda, xc, gc, mm, len, mc[i], lc[i], a1[i], a2[i], a3[i]);
             if (stream) {
                 if (odx) bn_stream_copy(dxr + c0, sdx, (size_t)len * sizeof(KT));
                 if (oda) bn_stream_copy(dar + c0, sda, (size_t)len * sizeof(KT));
@@ -722,33 +702,15 @@ static void KN(run_apply)(const void *xv, void *yv, const void *addv, uint8_t *m
     KT *y = (KT *)yv;
     if (!mask) {
         const int64_t n = np * inner;
-        if (add && relu) {
-#pragma omp simd
-            for (int64_t i = 0; i < n; i++) y[i] = KST(KN(relu)((KLD(x[i]) - mh[i] - ml[i]) * sc[i] + sh[i] + KLD(add[i])));
-        } else if (add) {
-#pragma omp simd
-            for (int64_t i = 0; i < n; i++) y[i] = KST((KLD(x[i]) - mh[i] - ml[i]) * sc[i] + sh[i] + KLD(add[i]));
-        } else if (relu) {
-#pragma omp simd
-            for (int64_t i = 0; i < n; i++) y[i] = KST(KN(relu)((KLD(x[i]) - mh[i] - ml[i]) * sc[i] + sh[i]));
-        } else {
-#pragma omp simd
-            for (int64_t i = 0; i < n; i++) y[i] = KST((KLD(x[i]) - mh[i] - ml[i]) * sc[i] + sh[i]);
-        }
+        BN_APPLY_LOOPS(y, x, add, n, relu, mh[i], ml[i], sc[i], sh[i]);
         return;
     }
     KA z[BN_CHUNK];
     for (int64_t j = 0; j < np; j++) {
         for (int64_t i0 = 0; i0 < inner; i0 += BN_CHUNK) {
             const int64_t len = inner - i0 < BN_CHUNK ? inner - i0 : BN_CHUNK, o = j * inner + i0;
-            if (add) {
-#pragma omp simd
-                for (int64_t i = 0; i < len; i++)
-                    z[i] = (KLD(x[o + i]) - mh[o + i] - ml[o + i]) * sc[o + i] + sh[o + i] + KLD(add[o + i]);
-            } else {
-#pragma omp simd
-                for (int64_t i = 0; i < len; i++) z[i] = (KLD(x[o + i]) - mh[o + i] - ml[o + i]) * sc[o + i] + sh[o + i];
-            }
+            const KT *ao = add ? add + o : NULL;
+            BN_Z_LOOPS(z, x + o, ao, len, mh[o + i], ml[o + i], sc[o + i], sh[o + i]);
             KN(masked_out)(z, y + o, mask + j * mstride + (i0 >> 3), len, relu);
         }
     }
@@ -796,25 +758,5 @@ static void KN(run_bwd_apply)(const void *xv, const void *dyv, const uint8_t *m,
     KT *dx = (KT *)dxv, *dadd = (KT *)daddv;
     const KA *mh = (const KA *)mhv, *ml = (const KA *)mlv, *k1 = (const KA *)k1v, *k2 = (const KA *)k2v,
              *k3 = (const KA *)k3v;
-    if (m && dx && dadd) {
-#pragma omp simd
-        for (int64_t i = 0; i < n; i++) {
-            KA g = m[i] ? KLD(dy[i]) : (KA)0;
-            KA v = g * k1[i] - k2[i] - (KLD(x[i]) - mh[i] - ml[i]) * k3[i];
-            dadd[i] = KST(g);
-            dx[i] = KST(v);
-        }
-    } else if (m && dadd) {
-#pragma omp simd
-        for (int64_t i = 0; i < n; i++) dadd[i] = KST(m[i] ? KLD(dy[i]) : (KA)0);
-    } else if (m && dx) {
-#pragma omp simd
-        for (int64_t i = 0; i < n; i++) {
-            KA g = m[i] ? KLD(dy[i]) : (KA)0;
-            dx[i] = KST(g * k1[i] - k2[i] - (KLD(x[i]) - mh[i] - ml[i]) * k3[i]);
-        }
-    } else if (dx) {
-#pragma omp simd
-        for (int64_t i = 0; i < n; i++) dx[i] = KST(KLD(dy[i]) * k1[i] - k2[i] - (KLD(x[i]) - mh[i] - ml[i]) * k3[i]);
-    }
+    BN_BWD_LOOPS(dx, dadd, x, dy, m, n, mh[i], ml[i], k1[i], k2[i], k3[i]);
 }
