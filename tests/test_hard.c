@@ -339,6 +339,41 @@ static void test_nan_inf(bnorm_dtype dt) {
                           bnorm_dtype_name(dt), si, layout, relu);
                     th_free(&X); th_free(&Y); th_free(&RM); th_free(&RV); th_free(&W); th_free(&B);
                 }
+                /* backward with global statistics: dx = dy * w * invstd does not involve x, so a NaN or Inf in
+                 * x leaves dx finite (PyTorch's eval backward is that product); dweight is NaN in those
+                 * channels, as the reference's sum of dy * (x - mean) * invstd */
+                {
+                    bnorm_desc d = {.dtype = dt, .layout = (bnorm_layout)layout, .rank = s->rank};
+                    for (int i = 0; i < s->rank; i++) d.dims[i] = s->dims[i];
+                    const bnorm_dtype pd = bnorm_param_dtype(dt);
+                    double erm[5] = {0.5, -1, 2, 0, 1}, erv[5] = {1, 2, 0.5, 4, 3}, einv[5], dw[5], db[5];
+                    for (int c = 0; c < 5; c++) einv[c] = 1 / sqrt(erv[c] + 1e-5);
+                    th_buf X = th_alloc(dt, numel, 0), DY = th_alloc(dt, numel, 0), DX = th_alloc(dt, numel, 0);
+                    th_buf RM = th_alloc(pd, C, 0), RV = th_alloc(pd, C, 0), W = th_alloc(pd, C, 0);
+                    th_buf DW = th_alloc(pd, C, 0), DB = th_alloc(pd, C, 0);
+                    th_store(&X, x); th_store(&DY, dy); th_store(&RM, erm); th_store(&RV, erv); th_store(&W, w);
+                    bnorm_backward_args ba = {.desc = d, .x = X.p, .dy = DY.p, .dx = DX.p, .weight = W.p, .mean = RM.p,
+                                              .var = RV.p, .eps = 1e-5, .use_global_stats = 1, .dweight = DW.p,
+                                              .dbias = DB.p};
+                    CHECK_STATUS(bnorm_backward(&ba), BNORM_STATUS_OK);
+                    ref_backward(&sh, x, dy, w, erm, einv, 1, NULL, dxr, NULL, dwr, dbr);
+                    th_load(&DX, yr);
+                    th_load(&DW, dw);
+                    th_load(&DB, db);
+                    long nonfinite = 0;
+                    for (int64_t i = 0; i < numel; i++) nonfinite += !isfinite(yr[i]);
+                    CHECK(nonfinite == 0, "%s shape %zu layout %d: eval backward, %ld non-finite dx",
+                          bnorm_dtype_name(dt), si, layout, nonfinite);
+                    CHECK(th_err(yr, dxr, numel, tol * 4, tol) <= 1, "%s shape %zu layout %d: eval backward dx",
+                          bnorm_dtype_name(dt), si, layout);
+                    CHECK(th_err(dw, dwr, C, tol * 50, tol * 5) <= 1 && isnan(dw[1]) && !isfinite(dw[2]) &&
+                              isfinite(dw[0]) && isfinite(dw[4]),
+                          "%s shape %zu layout %d: eval backward dweight", bnorm_dtype_name(dt), si, layout);
+                    CHECK(th_err(db, dbr, C, tol * 50, tol * 5) <= 1, "%s shape %zu layout %d: eval backward dbias",
+                          bnorm_dtype_name(dt), si, layout);
+                    th_free(&X); th_free(&DY); th_free(&DX); th_free(&RM); th_free(&RV); th_free(&W);
+                    th_free(&DW); th_free(&DB);
+                }
                 free(x); free(dy); free(yr); free(dxr); free(mask);
             }
     }

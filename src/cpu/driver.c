@@ -804,6 +804,9 @@ typedef struct bn_bwd_ctx {
     int64_t mask_stride;
     int stream;     /* write dx/daddend with streaming stores */
     double n_total; /* global count */
+    /* x as the apply kernels read it: NULL with global statistics, where dx = g * k1 does not depend
+       on x (k2 = k3 = 0), so the apply reads dy only */
+    const void *ax;
 } bn_bwd_ctx;
 
 static double bn_bwd_mean(const bn_bwd_ctx *b, int64_t c) { return bn_param_get(b->a->mean, b->pd, c); }
@@ -841,7 +844,7 @@ static void bn_bwd_apply_plane_to(const bn_bwd_ctx *b, int64_t p, void *dx, void
     int64_t off = p * b->g.inner;
     size_t es = b->g.esize;
     const uint8_t *mask = a->relu_mask ? (const uint8_t *)a->relu_mask + p * b->mask_stride : NULL;
-    b->k->seg_bwd_apply(bn_at(a->x, off, es), bn_at(a->dy, off, es), mask, dx, dadd, b->g.inner, mean, k1, k2, k3,
+    b->k->seg_bwd_apply(bn_at(b->ax, off, es), bn_at(a->dy, off, es), mask, dx, dadd, b->g.inner, mean, k1, k2, k3,
                         stream);
 }
 
@@ -852,12 +855,60 @@ static void bn_bwd_apply_plane(const bn_bwd_ctx *b, int64_t p, double mean, doub
                           b->stream, mean, k1, k2, k3);
 }
 
+/* One block of channels [c0, c0 + nc) of the channel schedule with global statistics: dx = g * k1 does
+ * not depend on the sums, so each plane's sums and its dx are computed together in one sweep (the
+ * plane is read from DRAM once, and dy again from the cache), in the order of the two-sweep schedule's
+ * sums. */
+static void bn_bwd_eval_block(const bn_bwd_ctx *b, int64_t c0, int64_t nc, int need_sums, unsigned char *sdx,
+                              unsigned char *sda, size_t run_bytes) {
+    const bn_geom *g = &b->g;
+    const bnorm_backward_args *a = b->a;
+    const int write = a->dx || a->daddend;
+    double mean[BN_BLOCK_MAX], invstd[BN_BLOCK_MAX], k1[BN_BLOCK_MAX], k2[BN_BLOCK_MAX], k3[BN_BLOCK_MAX];
+    double sg[BN_BLOCK_MAX], sgx[BN_BLOCK_MAX];
+    for (int64_t j = 0; j < nc; j++) {
+        mean[j] = bn_bwd_mean(b, c0 + j);
+        invstd[j] = bn_bwd_invstd(b, c0 + j);
+        sg[j] = sgx[j] = 0;
+        bn_bwd_coefs(b, c0 + j, 0, 0, invstd[j], &k1[j], &k2[j], &k3[j]);
+    }
+    const size_t blk = (size_t)(nc * g->inner) * g->esize;
+    for (int64_t o = 0; o < g->outer; o++) {
+        const int64_t p0 = o * g->C + c0;
+        if (o + BN_PREFETCH_AHEAD < g->outer) {
+            const int64_t pa = (p0 + BN_PREFETCH_AHEAD * g->C) * g->inner;
+            if (need_sums) bn_prefetch_run(bn_at(a->x, pa, g->esize), blk);
+            bn_prefetch_run(bn_at(a->dy, pa, g->esize), blk);
+        }
+        for (int64_t j = 0; j < nc; j++) {
+            const int64_t p = p0 + j;
+            if (need_sums) {
+                const uint8_t *mask = a->relu_mask ? (const uint8_t *)a->relu_mask + p * b->mask_stride : NULL;
+                b->k->seg_bwd_reduce(bn_at(a->x, p * g->inner, g->esize), bn_at(a->dy, p * g->inner, g->esize), mask,
+                                     g->inner, mean[j], &sg[j], &sgx[j]);
+            }
+            if (write && run_bytes)
+                bn_bwd_apply_plane_to(b, p, a->dx ? sdx + j * run_bytes : NULL, a->daddend ? sda + j * run_bytes : NULL,
+                                      0, mean[j], k1[j], k2[j], k3[j]);
+            else if (write)
+                bn_bwd_apply_plane(b, p, mean[j], k1[j], k2[j], k3[j]);
+        }
+        if (write && run_bytes) {
+            const int64_t off = p0 * g->inner * (int64_t)g->esize;
+            if (a->dx) bn_stream_copy((char *)a->dx + off, sdx, (size_t)nc * run_bytes);
+            if (a->daddend && a->relu_mask) bn_stream_copy((char *)a->daddend + off, sda, (size_t)nc * run_bytes);
+        }
+    }
+    if (need_sums)
+        for (int64_t j = 0; j < nc; j++) bn_bwd_param_grads(b, c0 + j, sg[j], sgx[j], invstd[j]);
+}
+
 static void bn_bwd_channel_schedule(const bn_bwd_ctx *b, int nt, int need_sums) {
     const bn_geom *g = &b->g;
     const bnorm_backward_args *a = b->a;
     int64_t cb = bn_block_channels(g, 2, b->stream);
     /* overlap (see the forward): the next block's sums are read between this block's runs */
-    const int overlap = BN_OVERLAP && need_sums && (a->dx || a->daddend) &&
+    const int overlap = BN_OVERLAP && need_sums && (a->dx || a->daddend) && !a->use_global_stats &&
                         (size_t)g->inner * g->esize >= BN_STAGE_PLANE_MAX;
     if (overlap && cb > 1) cb /= 2;
     const size_t run_bytes = bn_stage_plane_bytes(g, cb, b->stream);
@@ -872,6 +923,10 @@ static void bn_bwd_channel_schedule(const bn_bwd_ctx *b, int nt, int need_sums) 
         bn_thread_channels(g->C, &lo, &hi);
         for (int64_t c0 = lo; c0 < hi; c0 += cb) {
             const int64_t nc = hi - c0 < cb ? hi - c0 : cb;
+            if (a->use_global_stats) {
+                bn_bwd_eval_block(b, c0, nc, need_sums, sdx, sda, run_bytes);
+                continue;
+            }
             if (have_next) { /* sums gathered while the previous block was written */
                 for (int64_t j = 0; j < nc; j++) {
                     mean[j] = nmean[j];
@@ -943,16 +998,46 @@ static void bn_bwd_channel_schedule(const bn_bwd_ctx *b, int nt, int need_sums) 
     }
 }
 
+/* Expanded coefficients of a channel block of the run schedule. */
+static void bn_bwd_run_coefs(const bn_bwd_ctx *b, const bn_run_scratch *r, int64_t c0, int64_t nc, const double *sg,
+                             const double *sgx, const double *invstd) {
+    for (int64_t j = 0; j < nc; j++) {
+        double k1, k2, k3;
+        bn_bwd_coefs(b, c0 + j, sg[j], sgx[j], invstd[j], &k1, &k2, &k3);
+        bn_expand(r->c1, j, b->g.inner, (float)k1);
+        bn_expand(r->c2, j, b->g.inner, (float)k2);
+        bn_expand(r->c3, j, b->g.inner, (float)k3);
+    }
+}
+
+/* dx (and daddend) of the run of batch index o of a channel block (r->m holds its expanded mask). */
+static void bn_bwd_run_apply(const bn_bwd_ctx *b, const bn_run_scratch *r, int64_t o, int64_t c0, int64_t nc) {
+    const bn_geom *g = &b->g;
+    const bnorm_backward_args *a = b->a;
+    const size_t es = g->esize;
+    const int64_t off = (o * g->C + c0) * g->inner, n = nc * g->inner;
+    char *dx = a->dx ? (char *)a->dx + off * (int64_t)es : NULL;
+    char *da = a->daddend && a->relu_mask ? (char *)a->daddend + off * (int64_t)es : NULL;
+    b->k->run_bwd_apply(bn_at(b->ax, off, es), bn_at(a->dy, off, es), a->relu_mask ? r->m : NULL,
+                        dx && b->stream ? (void *)r->st1 : (void *)dx, da && b->stream ? (void *)r->st2 : (void *)da, n,
+                        r->mh, r->ml, r->c1, r->c2, r->c3);
+    if (b->stream) {
+        if (dx) bn_stream_copy(dx, r->st1, (size_t)n * es);
+        if (da) bn_stream_copy(da, r->st2, (size_t)n * es);
+    }
+}
+
 /* Backward on small planes, channel-owning threads (see bn_fwd_run_schedule): per block, the sums of
  * g and g * (x - mean) element by element over the batch, then dx (and daddend) run by run with
- * expanded coefficients. */
+ * expanded coefficients. With global statistics the coefficients do not depend on the sums, so each
+ * run's dx follows its sums in the same sweep (one read of x and dy from DRAM). */
 static void bn_bwd_run_schedule(const bn_bwd_ctx *b, int nt, int need_sums, double *scratch) {
     const bn_geom *g = &b->g;
     const bnorm_backward_args *a = b->a;
     const int64_t inner = g->inner, C = g->C;
     const size_t es = g->esize;
     const int64_t cb = bn_run_channels(g, 2);
-    const int wdx = a->dx != NULL, wda = a->daddend && a->relu_mask;
+    const int write = a->dx || (a->daddend && a->relu_mask), eval = a->use_global_stats;
 #pragma omp parallel num_threads(nt)
     {
         int64_t lo, hi;
@@ -966,21 +1051,28 @@ static void bn_bwd_run_schedule(const bn_bwd_ctx *b, int nt, int need_sums, doub
                 sg[j] = sgx[j] = 0;
                 bn_expand_mean(r.mh, r.ml, j, inner, mean[j]);
             }
-            if (need_sums) {
-                for (int64_t i = 0; i < n; i++) r.s1[i] = r.s2[i] = 0;
+            const int apply_now = eval && write; /* dx in the sweep of the sums */
+            if (apply_now) bn_bwd_run_coefs(b, &r, c0, nc, sg, sgx, invstd);
+            if (need_sums || apply_now) {
+                if (need_sums)
+                    for (int64_t i = 0; i < n; i++) r.s1[i] = r.s2[i] = 0;
                 for (int64_t o = 0; o < g->outer; o++) {
                     const int64_t off = (o * C + c0) * inner;
                     if (o + BN_PREFETCH_AHEAD < g->outer) {
                         const int64_t pa = off + BN_PREFETCH_AHEAD * C * inner;
-                        bn_prefetch_run(bn_at(a->x, pa, es), (size_t)n * es);
+                        if (need_sums) bn_prefetch_run(bn_at(a->x, pa, es), (size_t)n * es);
                         bn_prefetch_run(bn_at(a->dy, pa, es), (size_t)n * es);
                     }
                     if (a->relu_mask)
                         b->k->run_mask_u8((const uint8_t *)a->relu_mask + (o * C + c0) * b->mask_stride, b->mask_stride,
                                           nc, inner, r.m);
-                    b->k->run_bwd_reduce(bn_at(a->x, off, es), bn_at(a->dy, off, es), a->relu_mask ? r.m : NULL, n, r.mh,
-                                         r.ml, r.s1, r.s2);
+                    if (need_sums)
+                        b->k->run_bwd_reduce(bn_at(a->x, off, es), bn_at(a->dy, off, es), a->relu_mask ? r.m : NULL, n,
+                                             r.mh, r.ml, r.s1, r.s2);
+                    if (apply_now) bn_bwd_run_apply(b, &r, o, c0, nc);
                 }
+            }
+            if (need_sums)
                 for (int64_t j = 0; j < nc; j++) {
                     for (int64_t i = 0; i < inner; i++) {
                         sg[j] += r.s1[j * inner + i];
@@ -988,38 +1080,38 @@ static void bn_bwd_run_schedule(const bn_bwd_ctx *b, int nt, int need_sums, doub
                     }
                     bn_bwd_param_grads(b, c0 + j, sg[j], sgx[j], invstd[j]);
                 }
-            }
-            if (!wdx && !wda) continue;
-            for (int64_t j = 0; j < nc; j++) {
-                double k1, k2, k3;
-                bn_bwd_coefs(b, c0 + j, sg[j], sgx[j], invstd[j], &k1, &k2, &k3);
-                bn_expand(r.c1, j, inner, (float)k1);
-                bn_expand(r.c2, j, inner, (float)k2);
-                bn_expand(r.c3, j, inner, (float)k3);
-            }
+            if (!write || apply_now) continue;
+            bn_bwd_run_coefs(b, &r, c0, nc, sg, sgx, invstd);
             for (int64_t o = g->outer - 1; o >= 0; o--) {
-                const int64_t off = (o * C + c0) * inner;
-                char *dx = wdx ? (char *)a->dx + off * (int64_t)es : NULL;
-                char *da = wda ? (char *)a->daddend + off * (int64_t)es : NULL;
                 if (a->relu_mask)
                     b->k->run_mask_u8((const uint8_t *)a->relu_mask + (o * C + c0) * b->mask_stride, b->mask_stride, nc,
                                       inner, r.m);
-                b->k->run_bwd_apply(bn_at(a->x, off, es), bn_at(a->dy, off, es), a->relu_mask ? r.m : NULL,
-                                    dx && b->stream ? (void *)r.st1 : (void *)dx, da && b->stream ? (void *)r.st2 : (void *)da,
-                                    n, r.mh, r.ml, r.c1, r.c2, r.c3);
-                if (b->stream) {
-                    if (dx) bn_stream_copy(dx, r.st1, (size_t)n * es);
-                    if (da) bn_stream_copy(da, r.st2, (size_t)n * es);
-                }
+                bn_bwd_run_apply(b, &r, o, c0, nc);
             }
         }
         if (b->stream) bn_stream_fence();
     }
 }
 
-/* Phase 1 of the split schedule: sums of g and g*(x - mean) per channel, merged in thread order. */
-static void bn_bwd_partials(const bn_bwd_ctx *b, int nt, const void *ka_mean, const void *ka_mlo, double *part,
-                            double *sg, double *sgx) {
+/* The coefficients of dx = g * k1 - k2 - (x - mean) * k3 per channel: double arrays (planes) and
+ * compute-type arrays (rows). */
+typedef struct bn_bwd_coef {
+    const double *mean, *k1, *k2, *k3;
+    const void *km, *kml, *ka1, *ka2, *ka3;
+} bn_bwd_coef;
+
+/* Rows per piece of the one-pass split schedule (global statistics): a piece of x and dy is reduced,
+ * then its dx written while the piece is still in L1. */
+#ifndef BN_EVAL_PIECE
+#define BN_EVAL_PIECE (16 * 1024)
+#endif
+
+/* Phase 1 of the split schedule: sums of g and g*(x - mean) per channel (if need_sums), merged in
+ * thread order. With `apply` (global statistics, whose coefficients are known before the sums), dx is
+ * written in the same sweep, piece by piece, and phase 2 is skipped. */
+static void bn_bwd_partials(const bn_bwd_ctx *b, int nt, int need_sums, const bn_bwd_coef *co, int apply,
+                            double *part, double *sg, double *sgx) {
+    const bn_bwd_coef *ap = apply ? co : NULL;
     const bn_geom *g = &b->g;
     const bnorm_backward_args *a = b->a;
     const int64_t C = g->C;
@@ -1034,15 +1126,27 @@ static void bn_bwd_partials(const bn_bwd_ctx *b, int nt, const void *ka_mean, co
             for (int64_t p = lo; p < hi; p++) {
                 int64_t c = p % C;
                 const uint8_t *mask = a->relu_mask ? (const uint8_t *)a->relu_mask + p * b->mask_stride : NULL;
-                b->k->seg_bwd_reduce(bn_at(a->x, p * g->inner, es), bn_at(a->dy, p * g->inner, es), mask,
-                                     g->inner, bn_bwd_mean(b, c), &ps[c], &psx[c]);
+                if (need_sums)
+                    b->k->seg_bwd_reduce(bn_at(a->x, p * g->inner, es), bn_at(a->dy, p * g->inner, es), mask,
+                                         g->inner, bn_bwd_mean(b, c), &ps[c], &psx[c]);
+                if (ap) bn_bwd_apply_plane(b, p, ap->mean[c], ap->k1[c], ap->k2[c], ap->k3[c]);
             }
         } else {
             bn_range(g->outer, t, nt, &lo, &hi);
-            if (hi > lo) {
-                const uint8_t *mask = a->relu_mask ? (const uint8_t *)a->relu_mask + lo * b->mask_stride : NULL;
-                b->k->rows_bwd_reduce(bn_at(a->x, lo * C, es), bn_at(a->dy, lo * C, es), mask, b->mask_stride,
-                                      hi - lo, C, ka_mean, ka_mlo, ps, psx);
+            int64_t piece = ap ? (int64_t)(BN_EVAL_PIECE / ((size_t)C * es)) : hi - lo;
+            if (piece < 1) piece = 1;
+            for (int64_t r0 = lo, nr; r0 < hi; r0 += nr) {
+                nr = hi - r0 < piece ? hi - r0 : piece;
+                const int64_t off = r0 * C;
+                const uint8_t *mask = a->relu_mask ? (const uint8_t *)a->relu_mask + r0 * b->mask_stride : NULL;
+                if (need_sums)
+                    b->k->rows_bwd_reduce(bn_at(a->x, off, es), bn_at(a->dy, off, es), mask, b->mask_stride, nr, C,
+                                          co->km, co->kml, ps, psx);
+                if (ap)
+                    b->k->rows_bwd_apply(bn_at(b->ax, off, es), bn_at(a->dy, off, es), mask, b->mask_stride,
+                                         a->dx ? (char *)a->dx + off * (int64_t)es : NULL,
+                                         a->daddend ? (char *)a->daddend + off * (int64_t)es : NULL, nr, C, ap->km,
+                                         ap->kml, ap->ka1, ap->ka2, ap->ka3, b->stream);
             }
         }
     }
@@ -1057,13 +1161,12 @@ static void bn_bwd_partials(const bn_bwd_ctx *b, int nt, const void *ka_mean, co
     }
 }
 
-static void bn_bwd_apply_split(const bn_bwd_ctx *b, int nt, const double *mean, const double *k1,
-                               const double *k2, const double *k3, const void *ka_mean, const void *ka_mlo,
-                               const void *ka1, const void *ka2, const void *ka3) {
+static void bn_bwd_apply_split(const bn_bwd_ctx *b, int nt, const bn_bwd_coef *co) {
     const bn_geom *g = &b->g;
     const bnorm_backward_args *a = b->a;
     const int64_t C = g->C;
     const size_t es = g->esize;
+    const double *mean = co->mean, *k1 = co->k1, *k2 = co->k2, *k3 = co->k3;
 #pragma omp parallel for schedule(static, 1) num_threads(nt)
     for (int t = 0; t < nt; t++) {
         int64_t lo, hi;
@@ -1096,10 +1199,10 @@ static void bn_bwd_apply_split(const bn_bwd_ctx *b, int nt, const double *mean, 
             if (hi <= lo) continue;
             int64_t off = lo * C;
             const uint8_t *mask = a->relu_mask ? (const uint8_t *)a->relu_mask + lo * b->mask_stride : NULL;
-            b->k->rows_bwd_apply(bn_at(a->x, off, es), bn_at(a->dy, off, es), mask, b->mask_stride,
+            b->k->rows_bwd_apply(bn_at(b->ax, off, es), bn_at(a->dy, off, es), mask, b->mask_stride,
                                  a->dx ? (char *)a->dx + off * (int64_t)es : NULL,
-                                 a->daddend ? (char *)a->daddend + off * (int64_t)es : NULL, hi - lo, C, ka_mean,
-                                 ka_mlo, ka1, ka2, ka3, b->stream);
+                                 a->daddend ? (char *)a->daddend + off * (int64_t)es : NULL, hi - lo, C, co->km,
+                                 co->kml, co->ka1, co->ka2, co->ka3, b->stream);
         }
     }
 }
@@ -1140,6 +1243,7 @@ bnorm_status bnorm_backward(const bnorm_backward_args *a) {
     b.mask_stride = bn_mask_stride(&b.g);
     b.stream = bn_stream_output(&b.g);
     b.n_total = (double)b.g.m;
+    b.ax = a->use_global_stats ? NULL : a->x;
     const bn_geom *g = &b.g;
     const int64_t C = g->C;
     const int nt = bn_threads();
@@ -1172,7 +1276,17 @@ bnorm_status bnorm_backward(const bnorm_backward_args *a) {
         bn_ka_set_mean(km, kml, b.dbl, c, mean[c]);
         sg[c] = sgx[c] = 0;
     }
-    if (need_sums && g->m > 0) bn_bwd_partials(&b, nt, km, kml, part, sg, sgx);
+    const bn_bwd_coef co = {mean, k1, k2, k3, km, kml, ka1, ka2, ka3};
+    /* with global statistics the coefficients come first and dx is written in the sweep of the sums */
+    const int onepass = a->use_global_stats && (a->dx || a->daddend);
+    if (onepass)
+        for (int64_t c = 0; c < C; c++) {
+            bn_bwd_coefs(&b, c, 0, 0, inv[c], &k1[c], &k2[c], &k3[c]);
+            bn_ka_set(ka1, b.dbl, c, k1[c]);
+            bn_ka_set(ka2, b.dbl, c, k2[c]);
+            bn_ka_set(ka3, b.dbl, c, k3[c]);
+        }
+    if ((need_sums || onepass) && g->m > 0) bn_bwd_partials(&b, nt, need_sums, &co, onepass, part, sg, sgx);
     /* parameter gradients from the local sums (or the global ones on request, below) */
     double *gsg = sg, *gsgx = sgx;
     if (comm) {
@@ -1213,7 +1327,7 @@ bnorm_status bnorm_backward(const bnorm_backward_args *a) {
         bn_ka_set(ka2, b.dbl, c, k2[c]);
         bn_ka_set(ka3, b.dbl, c, k3[c]);
     }
-    if (g->m > 0 && (a->dx || a->daddend)) bn_bwd_apply_split(&b, nt, mean, k1, k2, k3, km, kml, ka1, ka2, ka3);
+    if (g->m > 0 && (a->dx || a->daddend) && !onepass) bn_bwd_apply_split(&b, nt, &co);
     free(ar.owned);
     return BNORM_STATUS_OK;
 }

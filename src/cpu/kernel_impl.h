@@ -159,13 +159,13 @@ static inline KA KN(relu)(KA z) { return z <= (KA)0 ? (KA)0 : z; }
             BN_SIMD for (int64_t i = 0; i < (n); i++) (z)[i] = (KLD((x)[i]) - (MH) - (ML)) * (SC) + (SH);    \
         }                                                                                                    \
     } while (0)
-/* g = dy [* m]; dadd = g (with a mask); dx = g * K1 - K2 - (x - MH - ML) * K3 */
-#define BN_BWD_LOOPS(dx, dadd, x, dy, m, n, MH, ML, K1, K2, K3)                                              \
+/* g = dy [* m]; dadd = g (with a mask); dx = DX, an expression in g_ and i */
+#define BN_BWD_LOOPS_E(dx, dadd, dy, m, n, DX)                                                               \
     do {                                                                                                     \
         if ((m) && (dx) && (dadd)) {                                                                         \
             BN_SIMD for (int64_t i = 0; i < (n); i++) {                                                      \
                 KA g_ = (m)[i] ? KLD((dy)[i]) : (KA)0;                                                       \
-                KA v_ = g_ * (K1) - (K2) - (KLD((x)[i]) - (MH) - (ML)) * (K3);                               \
+                KA v_ = (DX);                                                                                \
                 (dadd)[i] = KST(g_);                                                                         \
                 (dx)[i] = KST(v_);                                                                           \
             }                                                                                                \
@@ -174,12 +174,23 @@ static inline KA KN(relu)(KA z) { return z <= (KA)0 ? (KA)0 : z; }
         } else if ((m) && (dx)) {                                                                            \
             BN_SIMD for (int64_t i = 0; i < (n); i++) {                                                      \
                 KA g_ = (m)[i] ? KLD((dy)[i]) : (KA)0;                                                       \
-                (dx)[i] = KST(g_ * (K1) - (K2) - (KLD((x)[i]) - (MH) - (ML)) * (K3));                        \
+                (dx)[i] = KST(DX);                                                                           \
             }                                                                                                \
         } else if (dx) {                                                                                     \
-            BN_SIMD for (int64_t i = 0; i < (n); i++)                                                        \
-                (dx)[i] = KST(KLD((dy)[i]) * (K1) - (K2) - (KLD((x)[i]) - (MH) - (ML)) * (K3));              \
+            BN_SIMD for (int64_t i = 0; i < (n); i++) {                                                      \
+                KA g_ = KLD((dy)[i]);                                                                        \
+                (dx)[i] = KST(DX);                                                                           \
+            }                                                                                                \
         }                                                                                                    \
+    } while (0)
+/* dx = g * K1 - K2 - (x - MH - ML) * K3; without x (NULL: the backward with global statistics, whose
+ * K2 and K3 are 0) dx = g * K1, which reads neither x nor, for NaN or Inf in x, gives NaN: the
+ * gradient of y = (x - mean) * K1 + shift with respect to x is K1 whatever x is (PyTorch's eval
+ * backward is the same product). */
+#define BN_BWD_LOOPS(dx, dadd, x, dy, m, n, MH, ML, K1, K2, K3)                                              \
+    do {                                                                                                     \
+        if (x) BN_BWD_LOOPS_E(dx, dadd, dy, m, n, g_ * (K1) - (K2) - (KLD((x)[i]) - (MH) - (ML)) * (K3));   \
+        else BN_BWD_LOOPS_E(dx, dadd, dy, m, n, g_ * (K1));                                                  \
     } while (0)
 #endif
 
@@ -330,7 +341,7 @@ static void KN(seg_bwd_apply)(const void *xv, const void *dyv, const uint8_t *ma
         if (mask) bn_bits_to_u8(mask + (i0 >> 3), len, m);
         KT *odx = dx ? (stream ? sdx : dx + i0) : NULL;
         KT *oda = mask && dadd ? (stream ? sda : dadd + i0) : NULL;
-        KN(bwd_run)(x + i0, dy + i0, mask ? m : NULL, odx, oda, len, mean, mlo, k1, k2, k3);
+        KN(bwd_run)(x ? x + i0 : NULL, dy + i0, mask ? m : NULL, odx, oda, len, mean, mlo, k1, k2, k3);
         if (stream) {
             if (odx) bn_stream_copy(dx + i0, sdx, (size_t)len * sizeof(KT));
             if (oda) bn_stream_copy(dadd + i0, sda, (size_t)len * sizeof(KT));
@@ -469,31 +480,67 @@ static void KN(run_apply)(const void *xv, void *yv, const void *addv, uint8_t *m
 static void KN(run_bwd_apply)(const void *xv, const void *dyv, const uint8_t *m, void *dxv, void *daddv, int64_t n,
                               const void *mhv, const void *mlv, const void *k1v, const void *k2v, const void *k3v);
 
+#ifndef BN_PERIOD_DEFINED
+#define BN_PERIOD_DEFINED
+/* Periodic expansion of per-channel coefficients for narrow rows (C <= BN_CHUNK): e[j] = v[j % C] for
+ * j < C - 1 + BN_CHUNK, so a chunk of at most BN_CHUNK values that starts at channel c reads e + c as
+ * one value per element, one flat loop instead of a call per row of C values. */
+enum { BN_PERIOD = 2 * BN_CHUNK };
+#if defined(__GNUC__)
+#define BN_KALIGN __attribute__((aligned(64)))
+#else
+#define BN_KALIGN
+#endif
+#endif
+static inline void KN(expand_period)(const KA *v, int64_t C, KA *e) {
+    for (int64_t j0 = 0; j0 < C - 1 + BN_CHUNK; j0 += C) {
+        const int64_t len = C - 1 + BN_CHUNK - j0 < C ? C - 1 + BN_CHUNK - j0 : C;
+        for (int64_t j = 0; j < len; j++) e[j0 + j] = v[j];
+    }
+}
+
 /* Streaming without a mask, the rows kernels walk the whole range as one flat array in chunks that end
  * on 64-byte lines of the output (bn_chunk_len), each chunk cut at row boundaries into pieces with
  * their coefficient offsets: with rows that are not a multiple of 64 bytes (C = 64 float16, or an
- * output that is not 64-byte aligned) chunking row by row would leave a partial line at every row. */
+ * output that is not 64-byte aligned) chunking row by row would leave a partial line at every row.
+ * Narrow rows (C <= BN_CHUNK) take this flat walk also without streaming, with periodically expanded
+ * coefficients (expand_period): one loop per chunk instead of a call per row (C = 64: four rows). */
 static void KN(rows_apply)(const void *xv, void *yv, const void *addv, uint8_t *mask, int64_t mstride,
                            int64_t rows, int64_t C, const void *meanv, const void *mlov,
                            const void *scalev, const void *shiftv, int relu, int stream) {
     const KA *mean = (const KA *)meanv, *mlo = (const KA *)mlov, *scale = (const KA *)scalev, *shift = (const KA *)shiftv;
     KT stage[BN_CHUNK];
     KA z[BN_CHUNK];
-    if (stream && !mask) {
+    const int narrow = C <= BN_CHUNK;
+    if ((stream || narrow) && !mask) {
         const KT *x = (const KT *)xv, *add = (const KT *)addv;
         KT *y = (KT *)yv;
         const int64_t n = rows * C;
-        for (int64_t i0 = 0, len; i0 < n; i0 += len) {
-            len = bn_chunk_len(y + i0, sizeof(KT), n - i0, 1);
-            for (int64_t p = i0, c = i0 % C; p < i0 + len; c = 0) {
-                const int64_t seg = C - c < i0 + len - p ? C - c : i0 + len - p;
-                KN(run_apply)(x + p, stage + (p - i0), add ? add + p : NULL, NULL, 0, 1, seg, mean + c, mlo + c,
-                              scale + c, shift + c, relu);
-                p += seg;
-            }
-            bn_stream_copy(y + i0, stage, (size_t)len * sizeof(KT));
+        BN_KALIGN KA e[4][BN_PERIOD];
+        if (narrow) {
+            KN(expand_period)(mean, C, e[0]);
+            KN(expand_period)(mlo, C, e[1]);
+            KN(expand_period)(scale, C, e[2]);
+            KN(expand_period)(shift, C, e[3]);
         }
-        bn_stream_fence();
+        for (int64_t i0 = 0, len; i0 < n; i0 += len) {
+            len = bn_chunk_len(y + i0, sizeof(KT), n - i0, stream);
+            KT *out = stream ? stage : y + i0;
+            const int64_t c0 = i0 % C;
+            if (narrow) {
+                KN(run_apply)(x + i0, out, add ? add + i0 : NULL, NULL, 0, 1, len, e[0] + c0, e[1] + c0, e[2] + c0,
+                              e[3] + c0, relu);
+            } else {
+                for (int64_t p = i0, c = c0; p < i0 + len; c = 0) {
+                    const int64_t seg = C - c < i0 + len - p ? C - c : i0 + len - p;
+                    KN(run_apply)(x + p, out + (p - i0), add ? add + p : NULL, NULL, 0, 1, seg, mean + c, mlo + c,
+                                  scale + c, shift + c, relu);
+                    p += seg;
+                }
+            }
+            if (stream) bn_stream_copy(y + i0, stage, (size_t)len * sizeof(KT));
+        }
+        if (stream) bn_stream_fence();
         return;
     }
     for (int64_t r = 0; r < rows; r++) {
@@ -619,31 +666,47 @@ static void KN(rows_bwd_apply)(const void *xv, const void *dyv, const uint8_t *m
     const KA *mean = (const KA *)meanv, *mlo = (const KA *)mlov, *k1 = (const KA *)k1v, *k2 = (const KA *)k2v, *k3 = (const KA *)k3v;
     uint8_t m[BN_CHUNK];
     KT sdx[BN_CHUNK], sda[BN_CHUNK];
-    if (stream && !mask) { /* flat chunks on output lines, as rows_apply */
+    const int narrow = C <= BN_CHUNK;
+    if ((stream || narrow) && !mask) { /* flat chunks (on output lines when streaming), as rows_apply */
         if (!dxv) return;
         const KT *x = (const KT *)xv, *dy = (const KT *)dyv;
         KT *dx = (KT *)dxv;
         const int64_t n = rows * C;
-        for (int64_t i0 = 0, len; i0 < n; i0 += len) {
-            len = bn_chunk_len(dx + i0, sizeof(KT), n - i0, 1);
-            for (int64_t p = i0, c = i0 % C; p < i0 + len; c = 0) {
-                const int64_t seg = C - c < i0 + len - p ? C - c : i0 + len - p;
-                KN(run_bwd_apply)(x + p, dy + p, NULL, sdx + (p - i0), NULL, seg, mean + c, mlo + c, k1 + c, k2 + c,
-                                  k3 + c);
-                p += seg;
-            }
-            bn_stream_copy(dx + i0, sdx, (size_t)len * sizeof(KT));
+        BN_KALIGN KA e[5][BN_PERIOD];
+        if (narrow) {
+            KN(expand_period)(mean, C, e[0]);
+            KN(expand_period)(mlo, C, e[1]);
+            KN(expand_period)(k1, C, e[2]);
+            KN(expand_period)(k2, C, e[3]);
+            KN(expand_period)(k3, C, e[4]);
         }
-        bn_stream_fence();
+        for (int64_t i0 = 0, len; i0 < n; i0 += len) {
+            len = bn_chunk_len(dx + i0, sizeof(KT), n - i0, stream);
+            KT *out = stream ? sdx : dx + i0;
+            const int64_t c0 = i0 % C;
+            if (narrow) {
+                KN(run_bwd_apply)(x ? x + i0 : NULL, dy + i0, NULL, out, NULL, len, e[0] + c0, e[1] + c0, e[2] + c0,
+                                  e[3] + c0, e[4] + c0);
+            } else {
+                for (int64_t p = i0, c = c0; p < i0 + len; c = 0) {
+                    const int64_t seg = C - c < i0 + len - p ? C - c : i0 + len - p;
+                    KN(run_bwd_apply)(x ? x + p : NULL, dy + p, NULL, out + (p - i0), NULL, seg, mean + c, mlo + c,
+                                      k1 + c, k2 + c, k3 + c);
+                    p += seg;
+                }
+            }
+            if (stream) bn_stream_copy(dx + i0, sdx, (size_t)len * sizeof(KT));
+        }
+        if (stream) bn_stream_fence();
         return;
     }
     for (int64_t r = 0; r < rows; r++) {
-        const KT *xr = (const KT *)xv + r * C, *gr = (const KT *)dyv + r * C;
+        const KT *xr = xv ? (const KT *)xv + r * C : NULL, *gr = (const KT *)dyv + r * C;
         KT *dxr = dxv ? (KT *)dxv + r * C : NULL;
         KT *dar = mask && daddv ? (KT *)daddv + r * C : NULL;
         for (int64_t c0 = 0, len; c0 < C; c0 += len) {
             len = bn_chunk_len(dxr ? dxr + c0 : NULL, sizeof(KT), C - c0, stream && !mask && dxr);
-            const KT *xc = xr + c0, *gc = gr + c0;
+            const KT *xc = xr ? xr + c0 : NULL, *gc = gr + c0;
             const KA *mc = mean + c0, *lc = mlo + c0, *a1 = k1 + c0, *a2 = k2 + c0, *a3 = k3 + c0;
             KT *odx = dxr ? (stream ? sdx : dxr + c0) : NULL;
             KT *oda = dar ? (stream ? sda : dar + c0) : NULL;
