@@ -372,7 +372,7 @@ static void bn_fwd_channel_schedule(const bn_fwd_ctx *f, int nt) {
                 }
             }
         }
-        if (run_bytes) bn_stream_fence();
+        if (f->stream) bn_stream_fence();
     }
 }
 
@@ -616,7 +616,6 @@ static void bn_fwd_apply_split(const bn_fwd_ctx *f, int nt, const double *mean, 
                     }
                     bn_stream_copy((char *)a->y + p0 * (int64_t)pb, stage, (size_t)np * pb);
                 }
-                bn_stream_fence();
             } else {
                 for (int64_t p = lo; p < hi; p++) {
                     int64_t c = p % C;
@@ -639,6 +638,7 @@ static void bn_fwd_apply_split(const bn_fwd_ctx *f, int nt, const double *mean, 
                 r1 = r0;
             }
         }
+        if (f->stream) bn_stream_fence();
     }
 }
 
@@ -994,7 +994,7 @@ static void bn_bwd_channel_schedule(const bn_bwd_ctx *b, int nt, int need_sums) 
                 }
             }
         }
-        if (run_bytes) bn_stream_fence();
+        if (b->stream) bn_stream_fence();
     }
 }
 
@@ -1149,6 +1149,7 @@ static void bn_bwd_partials(const bn_bwd_ctx *b, int nt, int need_sums, const bn
                                          ap->kml, ap->ka1, ap->ka2, ap->ka3, b->stream);
             }
         }
+        if (ap && b->stream) bn_stream_fence();
     }
     for (int64_t c = 0; c < C; c++) {
         double s = 0, sx = 0;
@@ -1187,7 +1188,6 @@ static void bn_bwd_apply_split(const bn_bwd_ctx *b, int nt, const bn_bwd_coef *c
                     if (a->dx) bn_stream_copy((char *)a->dx + p0 * (int64_t)pb, sdx, (size_t)np * pb);
                     if (wda) bn_stream_copy((char *)a->daddend + p0 * (int64_t)pb, sda, (size_t)np * pb);
                 }
-                bn_stream_fence();
             } else {
                 for (int64_t p = lo; p < hi; p++) {
                     int64_t c = p % C;
@@ -1204,6 +1204,7 @@ static void bn_bwd_apply_split(const bn_bwd_ctx *b, int nt, const bn_bwd_coef *c
                                  a->daddend ? (char *)a->daddend + off * (int64_t)es : NULL, hi - lo, C, co->km,
                                  co->kml, co->ka1, co->ka2, co->ka3, b->stream);
         }
+        if (b->stream) bn_stream_fence();
     }
 }
 

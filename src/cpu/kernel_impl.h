@@ -263,7 +263,6 @@ static void KN(seg_apply)(const void *xv, void *yv, const void *addv, uint8_t *m
         }
         if (stream) bn_stream_copy(y + i0, stage, (size_t)len * sizeof(KT));
     }
-    if (stream) bn_stream_fence();
 }
 
 #define KBIT(mask, i) (((mask)[(i) >> 3] >> ((i)&7)) & 1)
@@ -347,7 +346,6 @@ static void KN(seg_bwd_apply)(const void *xv, const void *dyv, const uint8_t *ma
             if (oda) bn_stream_copy(dadd + i0, sda, (size_t)len * sizeof(KT));
         }
     }
-    if (stream) bn_stream_fence();
 }
 
 static void KN(rows_sum)(const void *xv, int64_t rows, int64_t C, double *acc) {
@@ -540,7 +538,6 @@ static void KN(rows_apply)(const void *xv, void *yv, const void *addv, uint8_t *
             }
             if (stream) bn_stream_copy(y + i0, stage, (size_t)len * sizeof(KT));
         }
-        if (stream) bn_stream_fence();
         return;
     }
     for (int64_t r = 0; r < rows; r++) {
@@ -561,7 +558,6 @@ static void KN(rows_apply)(const void *xv, void *yv, const void *addv, uint8_t *
             if (stream) bn_stream_copy(yr + c0, stage, (size_t)len * sizeof(KT));
         }
     }
-    if (stream) bn_stream_fence();
 }
 
 static void KN(rows_bwd_reduce_rb)(const void *xv, const void *dyv, int64_t rows, int64_t C, const void *meanv,
@@ -697,7 +693,6 @@ static void KN(rows_bwd_apply)(const void *xv, const void *dyv, const uint8_t *m
             }
             if (stream) bn_stream_copy(dx + i0, sdx, (size_t)len * sizeof(KT));
         }
-        if (stream) bn_stream_fence();
         return;
     }
     for (int64_t r = 0; r < rows; r++) {
@@ -719,7 +714,6 @@ static void KN(rows_bwd_apply)(const void *xv, const void *dyv, const uint8_t *m
             }
         }
     }
-    if (stream) bn_stream_fence();
 }
 
 static void KN(to_f32)(const void *srcv, float *dst, int64_t n) {

@@ -9,7 +9,9 @@
  * arrays) so that x - mean is accurate even when the mean is large. Accumulators are always double. Masks hold one bit per element, a plane or a row
  * starting on a byte (row r of a rows kernel at mask + r * mstride).
  * `stream` (apply kernels): write the outputs with non-temporal stores (large tensors whose output is
- * not re-read soon); any alignment works, results are identical either way.
+ * not re-read soon); any alignment works, results are identical either way. Kernels do not fence:
+ * the driver issues bn_stream_fence once per thread after its last streaming kernel (a fence per call
+ * cost 10-17% on 28x28 planes, docs/performance.md note 24).
  */
 #ifndef BNORM_CPU_KERNELS_H
 #define BNORM_CPU_KERNELS_H

@@ -6,7 +6,8 @@
  *   bn_stream_copy(dst, src, bytes)   copies a staged chunk to its destination with non-temporal
  *                                     (streaming) stores for the 64-byte-aligned middle and ordinary
  *                                     stores for a misaligned head/tail; any alignment works.
- *   bn_stream_fence()                 orders the streaming stores before the caller returns.
+ *   bn_stream_fence()                 orders the streaming stores; the driver issues it once per thread
+ *                                     after that thread's last streaming store (kernels never fence).
  *   bn_gt0_bits_f32/_f64(z, n, bits) bit j of bits = (z[j] > 0), n values, ceil(n/8) bytes written
  *                                     (the unused high bits of the last byte are 0).
  *   bn_bits_to_u8(bits, n, out)       out[j] = bit j of bits (0 or 1), n values.
