@@ -246,7 +246,8 @@ static void test_constant(void) {
 static void test_nan_inf(bnorm_dtype dt) {
     long inf_mean_bad = 0;
     char inf_mean_what[400] = "";
-    const shape shapes[] = {{3, {8, 5, 7}}, {2, {40, 5}}, {4, {3, 5, 4, 5}}};
+    /* the last: planes of 600 values, the channel schedule (lane sums) rather than the small-plane runs */
+    const shape shapes[] = {{3, {8, 5, 7}}, {2, {40, 5}}, {4, {3, 5, 4, 5}}, {3, {4, 5, 600}}};
     for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++) {
         const shape *s = &shapes[si];
         const int64_t N = s->dims[0], C = s->dims[1], S = shape_S(s), numel = N * C * S;

@@ -305,6 +305,77 @@ static void bn_thread_channels(int64_t C, int64_t *lo, int64_t *hi) {
 #define BN_OVERLAP 1
 #endif
 
+/* Statistics of a channel block in the channel schedule. Float32/16/bf16 data with blocks of at most
+ * BN_LANE_BLOCK channels keep lane accumulators per channel (seg_stats_acc, shift = the channel's first
+ * value) folded once at the end; float64 data (two passes per plane) and larger blocks merge per-plane
+ * moments. Either way the order depends only on the shape, not on the block size or thread count. */
+enum { BN_LANE_BLOCK = 32 };
+typedef struct bn_block_stats {
+    int lanes;                                      /* 1: lane accumulators, 0: per-plane moments */
+    bn_moments mo[BN_BLOCK_MAX];
+    double k[BN_LANE_BLOCK];
+    double acc[BN_LANE_BLOCK][2 * BN_STATS_LANES];
+} bn_block_stats;
+
+static void bn_block_stats_begin(const bn_fwd_ctx *f, bn_block_stats *bs, int64_t c0, int64_t nc) {
+    const bn_geom *g = &f->g;
+    bs->lanes = !f->dbl && nc <= BN_LANE_BLOCK;
+    for (int64_t j = 0; j < nc; j++) {
+        bs->mo[j].n = bs->mo[j].mean = bs->mo[j].m2 = 0;
+        if (!bs->lanes) continue;
+        float k0;
+        f->k->to_f32(bn_at(f->a->x, (c0 + j) * g->inner, g->esize), &k0, 1);
+        bs->k[j] = (double)k0;
+        for (int i = 0; i < 2 * BN_STATS_LANES; i++) bs->acc[j][i] = 0;
+    }
+}
+
+/* Adds the planes of batch index o. */
+static void bn_block_stats_add(const bn_fwd_ctx *f, bn_block_stats *bs, int64_t o, int64_t c0, int64_t nc) {
+    const bn_geom *g = &f->g;
+    for (int64_t j = 0; j < nc; j++) {
+        const void *x = bn_at(f->a->x, (o * g->C + c0 + j) * g->inner, g->esize);
+        if (bs->lanes) {
+            f->k->seg_stats_acc(x, g->inner, bs->k[j], bs->acc[j]);
+        } else {
+            double mu, m2;
+            f->k->seg_stats(x, g->inner, &mu, &m2);
+            bn_moments_merge(&bs->mo[j], (double)g->inner, mu, m2);
+        }
+    }
+}
+
+/* Final moments in bs->mo. A channel whose lane sums are not finite (Inf or NaN in it, or an
+ * overflow) is recomputed plane by plane as float64 data are, so it gets the same results. */
+static void bn_block_stats_end(const bn_fwd_ctx *f, bn_block_stats *bs, int64_t c0, int64_t nc) {
+    if (!bs->lanes) return;
+    const bn_geom *g = &f->g;
+    const double n = (double)g->outer * (double)g->inner;
+    for (int64_t j = 0; j < nc; j++) {
+        double *v1 = bs->acc[j], *v2 = bs->acc[j] + BN_STATS_LANES;
+        for (int w = BN_STATS_LANES / 2; w >= 1; w /= 2)
+            for (int i = 0; i < w; i++) {
+                v1[i] += v1[i + w];
+                v2[i] += v2[i + w];
+            }
+        const double s1 = v1[0], s2 = v2[0];
+        bn_moments *m = &bs->mo[j];
+        if (isfinite(s1) && isfinite(s2)) {
+            m->n = n;
+            m->mean = bs->k[j] + s1 / n;
+            m->m2 = s2 - s1 * s1 / n;
+            if (m->m2 < 0) m->m2 = 0;
+        } else {
+            m->n = m->mean = m->m2 = 0;
+            for (int64_t o = 0; o < g->outer; o++) {
+                double mu, m2;
+                f->k->seg_stats(bn_at(f->a->x, (o * g->C + c0 + j) * g->inner, g->esize), g->inner, &mu, &m2);
+                bn_moments_merge(m, (double)g->inner, mu, m2);
+            }
+        }
+    }
+}
+
 static void bn_fwd_channel_schedule(const bn_fwd_ctx *f, int nt) {
     const bn_geom *g = &f->g;
     const bnorm_forward_args *a = f->a;
@@ -319,7 +390,7 @@ static void bn_fwd_channel_schedule(const bn_fwd_ctx *f, int nt) {
 #pragma omp parallel num_threads(nt)
     {
         BN_ALIGN64 unsigned char stage[BN_STAGE_BYTES];
-        bn_moments mo[BN_BLOCK_MAX], next[BN_BLOCK_MAX];
+        bn_block_stats sa, sb, *cur = &sa, *nxt = &sb; /* this block's statistics, the next block's */
         double scale[BN_BLOCK_MAX], shift[BN_BLOCK_MAX];
         int64_t lo, hi;
         int have_next = 0;
@@ -327,28 +398,27 @@ static void bn_fwd_channel_schedule(const bn_fwd_ctx *f, int nt) {
         for (int64_t c0 = lo; c0 < hi; c0 += cb) {
             const int64_t nc = hi - c0 < cb ? hi - c0 : cb;
             if (have_next) { /* gathered while the previous block was normalized */
-                for (int64_t j = 0; j < nc; j++) mo[j] = next[j];
+                bn_block_stats *t = cur;
+                cur = nxt;
+                nxt = t;
             } else {
-                for (int64_t j = 0; j < nc; j++) mo[j].n = mo[j].mean = mo[j].m2 = 0;
+                bn_block_stats_begin(f, cur, c0, nc);
                 for (int64_t o = 0; o < g->outer; o++) {
                     if (o + BN_PREFETCH_AHEAD < g->outer)
                         bn_prefetch_run(bn_at(a->x, ((o + BN_PREFETCH_AHEAD) * g->C + c0) * g->inner, g->esize),
                                         (size_t)(nc * g->inner) * g->esize);
-                    for (int64_t j = 0; j < nc; j++) {
-                        double mu, m2;
-                        f->k->seg_stats(bn_at(a->x, (o * g->C + c0 + j) * g->inner, g->esize), g->inner, &mu, &m2);
-                        bn_moments_merge(&mo[j], (double)g->inner, mu, m2);
-                    }
+                    bn_block_stats_add(f, cur, o, c0, nc);
                 }
+                bn_block_stats_end(f, cur, c0, nc);
             }
+            const bn_moments *mo = cur->mo;
             for (int64_t j = 0; j < nc; j++)
                 bn_fwd_finalize_channel(f, c0 + j, mo[j].n, mo[j].mean, mo[j].m2, &scale[j], &shift[j]);
             /* the next block: its statistics are read run by run between this block's runs, in plane
                order (so the merge order, and the results, are those of the plain schedule) */
             const int64_t c1 = c0 + nc, nc1 = hi - c1 < cb ? hi - c1 : cb;
             have_next = overlap && nc1 > 0;
-            if (have_next)
-                for (int64_t j = 0; j < nc1; j++) next[j].n = next[j].mean = next[j].m2 = 0;
+            if (have_next) bn_block_stats_begin(f, nxt, c1, nc1);
             for (int64_t o = g->outer - 1; o >= 0; o--) {
                 const int64_t p0 = o * g->C + c0;
                 if (run_bytes) { /* small planes: stage the block's contiguous run, stream it whole */
@@ -364,13 +434,10 @@ static void bn_fwd_channel_schedule(const bn_fwd_ctx *f, int nt) {
                     if (o1 + BN_PREFETCH_AHEAD < g->outer)
                         bn_prefetch_run(bn_at(a->x, ((o1 + BN_PREFETCH_AHEAD) * g->C + c1) * g->inner, g->esize),
                                         (size_t)(nc1 * g->inner) * g->esize);
-                    for (int64_t j = 0; j < nc1; j++) {
-                        double mu, m2;
-                        f->k->seg_stats(bn_at(a->x, (o1 * g->C + c1 + j) * g->inner, g->esize), g->inner, &mu, &m2);
-                        bn_moments_merge(&next[j], (double)g->inner, mu, m2);
-                    }
+                    bn_block_stats_add(f, nxt, o1, c1, nc1);
                 }
             }
+            if (have_next) bn_block_stats_end(f, nxt, c1, nc1);
         }
         if (f->stream) bn_stream_fence();
     }

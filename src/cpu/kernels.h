@@ -18,10 +18,17 @@
 
 #include "../core/internal.h"
 
+/* Lanes of the double accumulators of the reductions (kernel_impl.h's BN_ACC). */
+enum { BN_STATS_LANES = 32 };
+
 typedef struct bn_kernels {
     /* Moments of x[0..n): *mean, *m2 = sum (x - mean)^2. n >= 1. One pass shifted by x[0] (two passes
      * for float64 data and for planes with non-finite sums); see kernel_impl.h. */
     void (*seg_stats)(const void *x, int64_t n, double *mean, double *m2);
+    /* Shifted sums of a plane added to a channel's lane accumulators: for d = x - k (in double),
+     * acc[j] += d and acc[BN_STATS_LANES + j] += d^2 for the values i with i mod BN_STATS_LANES = j.
+     * The caller folds the lanes once per channel. Not for float64 data. */
+    void (*seg_stats_acc)(const void *x, int64_t n, double k, double *acc);
     /* y = (x - mean) * scale + shift [+ add]; relu: y = max(z, 0) with NaN kept; mask (if not NULL)
      * bit = z > 0. */
     void (*seg_apply)(const void *x, void *y, const void *add, uint8_t *mask, int64_t n, double mean,
