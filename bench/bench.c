@@ -652,7 +652,7 @@ int main(int argc, char **argv) {
                 fprintf(fq, "%s %s %s %d %d %d ", op_name[r->op], r->layout ? "cl" : "cf", dtype_tag(r->dtype),
                         r->threads, o.reps, o.warmup);
                 for (int k = 0; k < s->rank; k++) fprintf(fq, "%s%lld", k ? "," : "", (long long)s->dims[k]);
-                fprintf(fq, "\n");
+                fprintf(fq, " %.0f\n", r->bytes); /* the bytes of the copy that follows each call */
             }
             fclose(fq);
             char cmd[1200];

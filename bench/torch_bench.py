@@ -2,12 +2,15 @@
 """PyTorch side of bnorm_bench: times torch.nn.functional.batch_norm on the cases bnorm_bench asks for.
 
 Usage: torch_bench.py REQUESTS
-REQUESTS holds one case per line:  op layout dtype threads reps warmup d0,d1,...
+REQUESTS holds one case per line:  op layout dtype threads reps warmup d0,d1,... [copy_bytes]
   op      fwd_train | fwd_infer | bwd_train | bwd_eval | fused_fwd | fused_bwd
   layout  cf (contiguous) | cl (channels_last / channels_last_3d; rank 3 uses a transposed (N,L,C) view)
   dtype   f32 | bf16 | f16
 For each case it prints one line:  RESULT <line index> <median seconds>
 (or SKIP <line index> <reason>). Timing uses time.perf_counter around each call; the median of reps.
+With copy_bytes, every call is followed (untimed) by a copy moving that many bytes (read + written),
+as bnorm_bench does after each call of bnorm and oneDNN, so all three start each call in the same
+cache state (without it, tensors that fit the L3 cache would be timed warm for PyTorch only).
 Backward ops call aten's native_batch_norm_backward directly (what autograd runs), so no graph overhead
 is timed; the fused backward is the autograd graph of relu(batch_norm(x) + addend).
 """
@@ -75,20 +78,27 @@ def main():
     lines = open(sys.argv[1]).read().splitlines()
     for i, line in enumerate(lines):
         f = line.split()
-        if len(f) != 7:
+        if len(f) not in (7, 8):
             continue
-        op, layout, dtype, threads, reps, warm, dims = f
+        op, layout, dtype, threads, reps, warm, dims = f[:7]
         dims = [int(d) for d in dims.split(",")]
+        half = int(float(f[7])) // 8 if len(f) == 8 else 0  # float32 values per copy side
+        src = torch.ones(half) if half else None
+        dst = torch.empty(half) if half else None
         try:
             torch.set_num_threads(int(threads))
             fn = run_case(op, layout, dtype, dims)
             for _ in range(int(warm)):
                 fn()
+                if half:
+                    dst.copy_(src)
             ts = []
             for _ in range(int(reps)):
                 t0 = time.perf_counter()
                 fn()
                 ts.append(time.perf_counter() - t0)
+                if half:
+                    dst.copy_(src)
             print("RESULT %d %.9e" % (i, statistics.median(ts)), flush=True)
         except Exception as e:  # unsupported dtype/layout in this PyTorch: reported, not fatal
             print("SKIP %d %s" % (i, type(e).__name__), flush=True)

@@ -270,7 +270,8 @@ BNORM_API bnorm_status bnorm_forward(const bnorm_forward_args *args);
  *   use_global_stats
  *                   zero: training backward, the gradient flows through the batch statistics
  *                   (dx = weight*invstd*(g - mean(g) - xhat*mean(g*xhat)));
- *                   nonzero: the statistics were constants (eval mode, freeze): dx = g*weight*invstd.
+ *                   nonzero: the statistics were constants (eval mode, freeze): dx = g*weight*invstd,
+ *                   which does not read x (a NaN/Inf in x leaves dx finite, as in PyTorch).
  *   relu_mask       the forward's relu_mask when the forward had relu != 0, else NULL. The gradient
  *                   passes where z = BN(x) + addend was > 0 (strictly; OneFlow's rule): g = dy * mask.
  *   daddend         gradient for the addend (= g), overwritten; NULL if not wanted. May be identical
