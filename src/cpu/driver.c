@@ -1385,17 +1385,20 @@ bnorm_status bnorm_backward(const bnorm_backward_args *a) {
             gsgx[c] = sx;
         }
     }
-    for (int64_t c = 0; c < C; c++) {
-        if (need_sums) {
-            if (comm && a->reduce_param_grads) bn_bwd_param_grads(&b, c, gsg[c], gsgx[c], inv[c]);
-            else bn_bwd_param_grads(&b, c, sg[c], sgx[c], inv[c]);
-        }
-        bn_bwd_coefs(&b, c, gsg[c], gsgx[c], inv[c], &k1[c], &k2[c], &k3[c]);
-        bn_ka_set(ka1, b.dbl, c, k1[c]);
-        bn_ka_set(ka2, b.dbl, c, k2[c]);
-        bn_ka_set(ka3, b.dbl, c, k3[c]);
+    if (need_sums) {
+        const int global = comm && a->reduce_param_grads;
+        for (int64_t c = 0; c < C; c++)
+            bn_bwd_param_grads(&b, c, global ? gsg[c] : sg[c], global ? gsgx[c] : sgx[c], inv[c]);
     }
-    if (g->m > 0 && (a->dx || a->daddend) && !onepass) bn_bwd_apply_split(&b, nt, &co);
+    if (g->m > 0 && (a->dx || a->daddend) && !onepass) {
+        for (int64_t c = 0; c < C; c++) {
+            bn_bwd_coefs(&b, c, gsg[c], gsgx[c], inv[c], &k1[c], &k2[c], &k3[c]);
+            bn_ka_set(ka1, b.dbl, c, k1[c]);
+            bn_ka_set(ka2, b.dbl, c, k2[c]);
+            bn_ka_set(ka3, b.dbl, c, k3[c]);
+        }
+        bn_bwd_apply_split(&b, nt, &co);
+    }
     free(ar.owned);
     return BNORM_STATUS_OK;
 }

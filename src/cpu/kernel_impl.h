@@ -525,11 +525,12 @@ enum { BN_PERIOD = 2 * BN_CHUNK };
 #define BN_KALIGN
 #endif
 #endif
-static inline void KN(expand_period)(const KA *v, int64_t C, KA *e) {
+static inline const KA *KN(expand_period)(const KA *v, int64_t C, KA *e) {
     for (int64_t j0 = 0; j0 < C - 1 + BN_CHUNK; j0 += C) {
         const int64_t len = C - 1 + BN_CHUNK - j0 < C ? C - 1 + BN_CHUNK - j0 : C;
         for (int64_t j = 0; j < len; j++) e[j0 + j] = v[j];
     }
+    return e;
 }
 
 /* Streaming without a mask, the rows kernels walk the whole range as one flat array in chunks that end
@@ -549,27 +550,23 @@ static void KN(rows_apply)(const void *xv, void *yv, const void *addv, uint8_t *
         const KT *x = (const KT *)xv, *add = (const KT *)addv;
         KT *y = (KT *)yv;
         const int64_t n = rows * C;
+        /* the coefficients as read: per channel (a chunk is cut where a row ends), or expanded
+           periodically for narrow rows (span C - 1 + BN_CHUNK: a chunk is never cut) */
         BN_KALIGN KA e[4][BN_PERIOD];
+        const KA *cf[4] = {mean, mlo, scale, shift};
+        int64_t span = C;
         if (narrow) {
-            KN(expand_period)(mean, C, e[0]);
-            KN(expand_period)(mlo, C, e[1]);
-            KN(expand_period)(scale, C, e[2]);
-            KN(expand_period)(shift, C, e[3]);
+            for (int k = 0; k < 4; k++) cf[k] = KN(expand_period)(cf[k], C, e[k]);
+            span = C - 1 + BN_CHUNK;
         }
         for (int64_t i0 = 0, len; i0 < n; i0 += len) {
             len = bn_chunk_len(y + i0, sizeof(KT), n - i0, stream);
             KT *out = stream ? stage : y + i0;
-            const int64_t c0 = i0 % C;
-            if (narrow) {
-                KN(run_apply)(x + i0, out, add ? add + i0 : NULL, NULL, 0, 1, len, e[0] + c0, e[1] + c0, e[2] + c0,
-                              e[3] + c0, relu);
-            } else {
-                for (int64_t p = i0, c = c0; p < i0 + len; c = 0) {
-                    const int64_t seg = C - c < i0 + len - p ? C - c : i0 + len - p;
-                    KN(run_apply)(x + p, out + (p - i0), add ? add + p : NULL, NULL, 0, 1, seg, mean + c, mlo + c,
-                                  scale + c, shift + c, relu);
-                    p += seg;
-                }
+            for (int64_t p = i0, c = i0 % C; p < i0 + len; c = 0) {
+                const int64_t seg = span - c < i0 + len - p ? span - c : i0 + len - p;
+                KN(run_apply)(x + p, out + (p - i0), add ? add + p : NULL, NULL, 0, 1, seg, cf[0] + c, cf[1] + c,
+                              cf[2] + c, cf[3] + c, relu);
+                p += seg;
             }
             if (stream) bn_stream_copy(y + i0, stage, (size_t)len * sizeof(KT));
         }
@@ -703,28 +700,21 @@ static void KN(rows_bwd_apply)(const void *xv, const void *dyv, const uint8_t *m
         const KT *x = (const KT *)xv, *dy = (const KT *)dyv;
         KT *dx = (KT *)dxv;
         const int64_t n = rows * C;
-        BN_KALIGN KA e[5][BN_PERIOD];
+        BN_KALIGN KA e[5][BN_PERIOD]; /* as in rows_apply */
+        const KA *cf[5] = {mean, mlo, k1, k2, k3};
+        int64_t span = C;
         if (narrow) {
-            KN(expand_period)(mean, C, e[0]);
-            KN(expand_period)(mlo, C, e[1]);
-            KN(expand_period)(k1, C, e[2]);
-            KN(expand_period)(k2, C, e[3]);
-            KN(expand_period)(k3, C, e[4]);
+            for (int k = 0; k < 5; k++) cf[k] = KN(expand_period)(cf[k], C, e[k]);
+            span = C - 1 + BN_CHUNK;
         }
         for (int64_t i0 = 0, len; i0 < n; i0 += len) {
             len = bn_chunk_len(dx + i0, sizeof(KT), n - i0, stream);
             KT *out = stream ? sdx : dx + i0;
-            const int64_t c0 = i0 % C;
-            if (narrow) {
-                KN(run_bwd_apply)(x ? x + i0 : NULL, dy + i0, NULL, out, NULL, len, e[0] + c0, e[1] + c0, e[2] + c0,
-                                  e[3] + c0, e[4] + c0);
-            } else {
-                for (int64_t p = i0, c = c0; p < i0 + len; c = 0) {
-                    const int64_t seg = C - c < i0 + len - p ? C - c : i0 + len - p;
-                    KN(run_bwd_apply)(x ? x + p : NULL, dy + p, NULL, out + (p - i0), NULL, seg, mean + c, mlo + c,
-                                      k1 + c, k2 + c, k3 + c);
-                    p += seg;
-                }
+            for (int64_t p = i0, c = i0 % C; p < i0 + len; c = 0) {
+                const int64_t seg = span - c < i0 + len - p ? span - c : i0 + len - p;
+                KN(run_bwd_apply)(x ? x + p : NULL, dy + p, NULL, out + (p - i0), NULL, seg, cf[0] + c, cf[1] + c,
+                                  cf[2] + c, cf[3] + c, cf[4] + c);
+                p += seg;
             }
             if (stream) bn_stream_copy(dx + i0, sdx, (size_t)len * sizeof(KT));
         }
