@@ -658,8 +658,8 @@ static void bn_fwd_partials(const bn_fwd_ctx *f, int nt, double *part, double *g
     }
 }
 
-/* Phase 2 of the split schedule. coef: mean, scale, shift as double[C] (planes) and as compute-type
- * arrays ka_mean/ka_scale/ka_shift (rows). */
+/* Phase 2 of the split schedule, and inference. coef: mean, scale, shift as double[C] (masked planes)
+ * and as compute-type arrays ka_mean/ka_mlo/ka_scale/ka_shift (rows, and planes without a mask). */
 static void bn_fwd_apply_split(const bn_fwd_ctx *f, int nt, const double *mean, const double *scale,
                                const double *shift, const void *ka_mean, const void *ka_mlo,
                                const void *ka_scale, const void *ka_shift) {
@@ -672,7 +672,12 @@ static void bn_fwd_apply_split(const bn_fwd_ctx *f, int nt, const double *mean, 
         if (g->planes) {
             bn_range(g->outer * C, t, nt, &lo, &hi);
             const size_t pb = bn_stage_plane_bytes(g, 1, f->stream);
-            if (pb) { /* small planes: consecutive planes are staged and streamed as one run */
+            if (!a->relu_mask) { /* the thread's planes as one flat range (planes_apply) */
+                if (hi > lo)
+                    f->k->planes_apply(bn_at(a->x, lo * g->inner, g->esize), (char *)a->y + lo * g->inner * (int64_t)g->esize,
+                                       bn_at(a->addend, lo * g->inner, g->esize), hi - lo, g->inner, C, lo % C,
+                                       ka_mean, ka_mlo, ka_scale, ka_shift, a->relu, f->stream);
+            } else if (pb) { /* small planes: consecutive planes are staged and streamed as one run */
                 BN_ALIGN64 unsigned char stage[BN_STAGE_BYTES];
                 const int64_t k = (int64_t)(BN_STAGE_BYTES / pb);
                 for (int64_t p0 = lo; p0 < hi; p0 += k) {
@@ -776,7 +781,9 @@ bnorm_status bnorm_forward(const bnorm_forward_args *a) {
             bn_ka_set(ks, f.dbl, c, scale[c]);
             bn_ka_set(kb, f.dbl, c, shift[c]);
         }
-        if (bn_small_planes(g, a->desc.dtype) && C >= nt)
+        /* planes without a mask: one flat walk per thread (apply_split); with a mask, small planes
+           take the run schedule (its bits start on a byte per plane) */
+        if (a->relu_mask && bn_small_planes(g, a->desc.dtype) && C >= nt)
             bn_fwd_run_schedule(&f, nt, bn_take(&ar, (size_t)nt * BN_RUN_SCRATCH), mean, scale, shift);
         else
             bn_fwd_apply_split(&f, nt, mean, scale, shift, km, kml, ks, kb);

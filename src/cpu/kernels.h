@@ -33,6 +33,11 @@ typedef struct bn_kernels {
      * bit = z > 0. */
     void (*seg_apply)(const void *x, void *y, const void *add, uint8_t *mask, int64_t n, double mean,
                       double scale, double shift, int relu, int stream);
+    /* seg_apply's expression over np consecutive planes of inner values, the first of channel c0, with
+     * per-channel coefficient arrays of C (compute type, mean as hi + lo); no mask. One flat walk. */
+    void (*planes_apply)(const void *x, void *y, const void *add, int64_t np, int64_t inner, int64_t C, int64_t c0,
+                         const void *mean, const void *mean_lo, const void *scale, const void *shift, int relu,
+                         int stream);
     /* g = dy [* mask bit]; *sg += sum g; *sgx += sum g * (x - mean). */
     void (*seg_bwd_reduce)(const void *x, const void *dy, const uint8_t *mask, int64_t n, double mean,
                            double *sg, double *sgx);
