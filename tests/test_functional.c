@@ -231,6 +231,11 @@ int main(void) {
             {BNORM_DTYPE_F64, 0, 5, {3, 2, 1, 1, 1}, 0, 0, 1, 0, 1, 1, 8},
             {BNORM_DTYPE_F32, 0, 3, {2000, 3, 1}, 1, 1, 1, 0, 1, 4, 0},
             {BNORM_DTYPE_F64, 1, 3, {5, 1000, 3}, 1, 0, 0, 0, 1, 2, 0},
+            /* NCHW planes of 2 KiB or more, 35 channels a thread: more than one channel block, so the
+               next block's statistics are read between this block's planes (lanes; float64: planes) */
+            {BNORM_DTYPE_F32, 0, 4, {2, 70, 23, 25}, 1, 1, 1, 0, 1, 2, 4},
+            {BNORM_DTYPE_F16, 0, 4, {2, 70, 33, 32}, 1, 0, 1, 0, 1, 2, 2},
+            {BNORM_DTYPE_F64, 0, 4, {2, 70, 16, 17}, 1, 1, 1, 1, 1, 2, 8},
         };
         for (size_t i = 0; i < sizeof fixed / sizeof fixed[0]; i++) run_case(&fixed[i]);
     }

@@ -275,6 +275,20 @@ static size_t bn_stage_plane_bytes(const bn_geom *g, int64_t cb, int stream) {
     return plane;
 }
 
+/* Values in the next piece of a streamed range starting at out (left to go): about BN_STREAM_PIECE
+ * bytes, ending on a 64-byte line of the output, so pieces written one after another never split a line
+ * between two calls. */
+#define BN_STREAM_PIECE 1024
+static int64_t bn_stream_piece(const void *out, size_t es, int64_t left) {
+    const size_t head = (size_t)(-(uintptr_t)out & 63);
+    int64_t len = (int64_t)((head + (BN_STREAM_PIECE - head) / 64 * 64) / es);
+    if (len < 1) len = (int64_t)(BN_STREAM_PIECE / es);
+    return left < len ? left : len;
+}
+#ifndef BN_INTERLEAVE
+#define BN_INTERLEAVE 1
+#endif
+
 /* Software prefetch of a run of bytes into the cache. The channel schedule reads short runs (a block
  * of planes per n) at a large stride; the hardware prefetchers stop at 4 KiB page boundaries, so
  * the run two steps ahead is requested explicitly. */
@@ -341,6 +355,49 @@ static void bn_block_stats_add(const bn_fwd_ctx *f, bn_block_stats *bs, int64_t 
             double mu, m2;
             f->k->seg_stats(x, g->inner, &mu, &m2);
             bn_moments_merge(&bs->mo[j], (double)g->inner, mu, m2);
+        }
+    }
+}
+
+/* Interleaved statistics of the next block (planes of 2 KiB or more): a cursor walks its planes in the
+ * order of bn_block_stats_add (o, then j, then the values of the plane) and is advanced between the
+ * pieces of this block's normalization, so the reads of the next block from DRAM and the streaming
+ * writes of this one alternate every few hundred values instead of every plane (docs/performance.md
+ * note 29). Lane accumulators are added in pieces that start on a multiple of BN_STATS_LANES of the
+ * plane, so every value lands in the lane it would in one call: results are those of the plain
+ * schedule. Per-plane moments (no lanes) advance by whole planes. */
+typedef struct bn_stats_cursor {
+    int64_t o, j, off;  /* next value: plane (o, c1 + j), offset off */
+    int64_t done, total; /* values added, values in the block */
+} bn_stats_cursor;
+
+enum { BN_STATS_PIECE = 8 * BN_STATS_LANES };
+
+static void bn_stats_advance(const bn_fwd_ctx *f, bn_block_stats *bs, bn_stats_cursor *cu, int64_t c1, int64_t nc1,
+                             int64_t target) {
+    const bn_geom *g = &f->g;
+    while (cu->done < target && cu->o < g->outer) {
+        const int64_t p = cu->o * g->C + c1 + cu->j;
+        const char *x = bn_at(f->a->x, p * g->inner + cu->off, g->esize);
+        int64_t len = g->inner - cu->off;
+        if (bs->lanes) {
+            if (len > BN_STATS_PIECE) len = BN_STATS_PIECE;
+            if (cu->o + BN_PREFETCH_AHEAD < g->outer)
+                bn_prefetch_run(x + BN_PREFETCH_AHEAD * g->C * g->inner * (int64_t)g->esize, (size_t)len * g->esize);
+            f->k->seg_stats_acc(x, len, bs->k[cu->j], bs->acc[cu->j]);
+        } else {
+            double mu, m2;
+            f->k->seg_stats(x, len, &mu, &m2);
+            bn_moments_merge(&bs->mo[cu->j], (double)len, mu, m2);
+        }
+        cu->done += len;
+        cu->off += len;
+        if (cu->off == g->inner) {
+            cu->off = 0;
+            if (++cu->j == nc1) {
+                cu->j = 0;
+                cu->o++;
+            }
         }
     }
 }
@@ -419,6 +476,33 @@ static void bn_fwd_channel_schedule(const bn_fwd_ctx *f, int nt) {
             const int64_t c1 = c0 + nc, nc1 = hi - c1 < cb ? hi - c1 : cb;
             have_next = overlap && nc1 > 0;
             if (have_next) bn_block_stats_begin(f, nxt, c1, nc1);
+            if (have_next && BN_INTERLEAVE) {
+                /* this block's planes in pieces of about BN_STREAM_PIECE bytes (ending on output lines),
+                   the next block's statistics advanced in proportion after each piece */
+                bn_stats_cursor cu = {0, 0, 0, 0, g->outer * nc1 * g->inner};
+                const int64_t total = g->outer * nc * g->inner;
+                int64_t applied = 0;
+                for (int64_t o = g->outer - 1; o >= 0; o--)
+                    for (int64_t j = nc - 1; j >= 0; j--) {
+                        const int64_t off = (o * g->C + c0 + j) * g->inner;
+                        for (int64_t i0 = 0, len; i0 < g->inner; i0 += len) {
+                            char *y = (char *)a->y + (off + i0) * (int64_t)g->esize;
+                            len = f->stream ? bn_stream_piece(y, g->esize, g->inner - i0) : g->inner - i0;
+                            uint8_t *mask = NULL;
+                            if (a->relu_mask) { /* a piece's bits start on a byte: pieces of whole bytes */
+                                if (i0 + len < g->inner) len -= (i0 + len) % 8;
+                                mask = (uint8_t *)a->relu_mask + (o * g->C + c0 + j) * f->mask_stride + (i0 >> 3);
+                            }
+                            f->k->seg_apply(bn_at(a->x, off + i0, g->esize), y, bn_at(a->addend, off + i0, g->esize), mask,
+                                            len, mo[j].mean, scale[j], shift[j], a->relu, f->stream);
+                            applied += len;
+                            bn_stats_advance(f, nxt, &cu, c1, nc1, (int64_t)((double)applied / (double)total * (double)cu.total));
+                        }
+                    }
+                bn_stats_advance(f, nxt, &cu, c1, nc1, cu.total);
+                bn_block_stats_end(f, nxt, c1, nc1);
+                continue;
+            }
             for (int64_t o = g->outer - 1; o >= 0; o--) {
                 const int64_t p0 = o * g->C + c0;
                 if (run_bytes) { /* small planes: stage the block's contiguous run, stream it whole */
