@@ -236,6 +236,9 @@ int main(void) {
             {BNORM_DTYPE_F32, 0, 4, {2, 70, 23, 25}, 1, 1, 1, 0, 1, 2, 4},
             {BNORM_DTYPE_F16, 0, 4, {2, 70, 33, 32}, 1, 0, 1, 0, 1, 2, 2},
             {BNORM_DTYPE_F64, 0, 4, {2, 70, 16, 17}, 1, 1, 1, 1, 1, 2, 8},
+            /* small planes, several channel blocks a thread: the run schedule's interleaved statistics */
+            {BNORM_DTYPE_F32, 0, 4, {4, 70, 14, 14}, 1, 1, 1, 0, 1, 2, 4},
+            {BNORM_DTYPE_BF16, 0, 4, {4, 70, 16, 16}, 1, 0, 0, 0, 1, 2, 2},
         };
         for (size_t i = 0; i < sizeof fixed / sizeof fixed[0]; i++) run_case(&fixed[i]);
     }

@@ -198,12 +198,13 @@ int main(void) {
         {0, 4, {1500, 60, 7, 7}, 4},  /* NCHW, 7x7 planes: run schedule, staged runs */
         {0, 4, {3, 160, 111, 97}, 4}, /* NCHW, blocks of 4 channels: the next block's statistics
                                          interleaved with the normalization piece by piece */
+        {0, 4, {200, 110, 14, 14}, 4}, /* NCHW, 14x14 planes: run schedule with interleaved statistics */
         {1, 4, {40, 97, 33, 35}, 4},  /* NHWC, odd C */
         {0, 2, {40000, 110, 1, 1}, 0}, /* (N, C) */
     };
     /* every mode where the output is misaligned: the unmasked paths cut their chunks on output lines */
     const int all = 1 << MODE_FUSED | 1 << MODE_TRAIN | 1 << MODE_INFER;
-    const int modes[] = {all, all, all, all, 1 << MODE_TRAIN};
+    const int modes[] = {all, all, all, all, all, 1 << MODE_TRAIN};
     for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) run_shape(&shapes[i], modes[i]);
     test_outlier_shift(0);
     test_outlier_shift(1);

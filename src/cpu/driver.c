@@ -55,7 +55,7 @@ static int bn_threads(void) {
 #ifndef BN_RUN
 #define BN_RUN 2048
 #endif
-enum { BN_RUN_SCRATCH = (2 * 8 * BN_RUN + 6 * 4 * BN_RUN + BN_RUN + 2 * 4 * BN_RUN) / 8 + 128 };
+enum { BN_RUN_SCRATCH = (4 * 8 * BN_RUN + 7 * 4 * BN_RUN + BN_RUN + 2 * 4 * BN_RUN) / 8 + 160 };
 
 static int bn_small_planes(const bn_geom *g, bnorm_dtype dt) {
     return g->planes && dt != BNORM_DTYPE_F64 && (size_t)g->inner * g->esize < BN_SMALL_PLANE && g->inner <= BN_RUN;
@@ -530,7 +530,9 @@ static void bn_fwd_channel_schedule(const bn_fwd_ctx *f, int nt) {
 /* Per-thread scratch of the run schedules, carved 64-byte aligned out of BN_RUN_SCRATCH doubles. */
 typedef struct bn_run_scratch {
     double *s1, *s2;                     /* element-wise sums of a channel block */
-    float *k, *mh, *ml, *c1, *c2, *c3;   /* expanded shift, mean hi/lo and coefficients */
+    double *n1, *n2;                     /* the next block's (interleaved forward statistics) */
+    float *k, *nk, *mh, *ml, *c1, *c2, *c3; /* expanded shift (this block's, the next one's), mean hi/lo
+                                               and coefficients */
     uint8_t *m;                          /* expanded mask */
     unsigned char *st1, *st2;            /* staging runs for streaming stores */
 } bn_run_scratch;
@@ -546,7 +548,10 @@ static bn_run_scratch bn_run_scratch_at(double *base, int t) {
     bn_run_scratch r;
     r.s1 = bn_carve(&p, 8 * BN_RUN);
     r.s2 = bn_carve(&p, 8 * BN_RUN);
+    r.n1 = bn_carve(&p, 8 * BN_RUN);
+    r.n2 = bn_carve(&p, 8 * BN_RUN);
     r.k = bn_carve(&p, 4 * BN_RUN);
+    r.nk = bn_carve(&p, 4 * BN_RUN);
     r.mh = bn_carve(&p, 4 * BN_RUN);
     r.ml = bn_carve(&p, 4 * BN_RUN);
     r.c1 = bn_carve(&p, 4 * BN_RUN);
@@ -591,33 +596,75 @@ static int64_t bn_run_channels(const bn_geom *g, int tensors) {
     return cb < 1 ? 1 : cb > cmax ? cmax : cb;
 }
 
+/* Starts the statistics of block [c0, c0 + nc): shifts k (each channel's first value) expanded over the
+ * run, sums s1, s2 zeroed. */
+static void bn_run_stats_begin(const bn_fwd_ctx *f, int64_t c0, int64_t nc, float *k, double *s1, double *s2) {
+    const bn_geom *g = &f->g;
+    for (int64_t j = 0; j < nc; j++) {
+        float k0;
+        f->k->to_f32(bn_at(f->a->x, (c0 + j) * g->inner, g->esize), &k0, 1);
+        bn_expand(k, j, g->inner, k0);
+    }
+    for (int64_t i = 0; i < nc * g->inner; i++) s1[i] = s2[i] = 0;
+}
+
+/* Interleaved statistics of the next block of the run schedule (as bn_stats_advance for the channel
+ * schedule): a cursor over its runs (batch index o, offset off in the run of n values), advanced in
+ * pieces of at most BN_STATS_PIECE values up to `target` values. run_stats is element-wise, so the
+ * pieces do not change the sums. */
+static void bn_run_stats_advance(const bn_fwd_ctx *f, const bn_run_scratch *r, bn_stats_cursor *cu, int64_t c1,
+                                 int64_t n, int64_t target) {
+    const bn_geom *g = &f->g;
+    const size_t es = g->esize;
+    while (cu->done < target && cu->o < g->outer) {
+        const int64_t len = n - cu->off < BN_STATS_PIECE ? n - cu->off : BN_STATS_PIECE;
+        const char *x = bn_at(f->a->x, (cu->o * g->C + c1) * g->inner + cu->off, es);
+        if (cu->o + BN_PREFETCH_AHEAD < g->outer)
+            bn_prefetch_run(x + BN_PREFETCH_AHEAD * g->C * g->inner * (int64_t)es, (size_t)len * es);
+        f->k->run_stats(x, len, r->nk + cu->off, r->n1 + cu->off, r->n2 + cu->off);
+        cu->done += len;
+        cu->off += len;
+        if (cu->off == n) {
+            cu->off = 0;
+            cu->o++;
+        }
+    }
+}
+
 /* Forward on small planes, channel-owning threads (training without a communicator, or inference):
  * per block of cb channels, the statistics of all planes element by element (run_stats: s1, s2 per
  * position of the run, shifted by each channel's first value; one pass, the argument of kernel_impl.h
  * with n = all values of the channel), then the normalization of every run with expanded
- * coefficients. Results do not depend on the block size or the thread count. A channel whose sums are
- * not finite is redone plane by plane (seg_stats, as the plane schedule does). Inference: coefficients
- * from mean/scale/shift (double[C]). */
+ * coefficients. In training, the next block's statistics are read piece by piece between the pieces
+ * of this block's normalization (as in the channel schedule), so DRAM reads and streaming writes
+ * overlap; two blocks then share the L2, each half the size. Results do not depend on the block size
+ * or the thread count. A channel whose sums are not finite is redone plane by plane (seg_stats, as the
+ * plane schedule does). Inference: coefficients from mean/scale/shift (double[C]). */
 static void bn_fwd_run_schedule(const bn_fwd_ctx *f, int nt, double *scratch, const double *imean,
                                  const double *iscale, const double *ishift) {
     const bn_geom *g = &f->g;
     const bnorm_forward_args *a = f->a;
     const int64_t inner = g->inner, C = g->C;
     const size_t es = g->esize;
-    const int64_t cb = bn_run_channels(g, 1);
+    int64_t cb = bn_run_channels(g, 1);
+    /* with the overlap two blocks share the L2: half size, unless that cuts a run below 2 KiB (7x7
+       planes of a large batch), where the shorter strided runs cost more than the overlap gains */
+    const int overlap = BN_INTERLEAVE && !imean && cb > 1 && (size_t)(cb / 2 * inner) * es >= 2048;
+    if (overlap) cb /= 2;
 #pragma omp parallel num_threads(nt)
     {
         int64_t lo, hi;
         bn_run_scratch r = bn_run_thread(scratch, C, &lo, &hi);
+        int have_next = 0;
         for (int64_t c0 = lo; c0 < hi; c0 += cb) {
             const int64_t nc = hi - c0 < cb ? hi - c0 : cb, n = nc * inner;
-            if (!imean) {
-                for (int64_t j = 0; j < nc; j++) {
-                    float k0;
-                    f->k->to_f32(bn_at(a->x, (c0 + j) * inner, es), &k0, 1);
-                    bn_expand(r.k, j, inner, k0);
-                }
-                for (int64_t i = 0; i < n; i++) r.s1[i] = r.s2[i] = 0;
+            if (have_next) { /* gathered while the previous block was normalized */
+                double *t1 = r.s1, *t2 = r.s2;
+                float *tk = r.k;
+                r.s1 = r.n1, r.s2 = r.n2, r.k = r.nk;
+                r.n1 = t1, r.n2 = t2, r.nk = tk;
+            } else if (!imean) {
+                bn_run_stats_begin(f, c0, nc, r.k, r.s1, r.s2);
                 for (int64_t o = 0; o < g->outer; o++) {
                     if (o + BN_PREFETCH_AHEAD < g->outer)
                         bn_prefetch_run(bn_at(a->x, ((o + BN_PREFETCH_AHEAD) * C + c0) * inner, es), (size_t)n * es);
@@ -657,6 +704,10 @@ static void bn_fwd_run_schedule(const bn_fwd_ctx *f, int nt, double *scratch, co
                 bn_expand(r.c1, j, inner, (float)scale);
                 bn_expand(r.c2, j, inner, (float)shift);
             }
+            const int64_t c1 = c0 + nc, nc1 = hi - c1 < cb ? hi - c1 : cb, n1 = nc1 * inner;
+            have_next = overlap && nc1 > 0;
+            bn_stats_cursor cu = {0, 0, 0, 0, g->outer * n1};
+            if (have_next) bn_run_stats_begin(f, c1, nc1, r.nk, r.n1, r.n2);
             /* training: reverse order, the runs read last by the statistics are still in cache;
                inference: memory order, the runs ahead prefetched (they come from DRAM) */
             for (int64_t q = 0; q < g->outer; q++) {
@@ -665,10 +716,25 @@ static void bn_fwd_run_schedule(const bn_fwd_ctx *f, int nt, double *scratch, co
                     bn_prefetch_run(bn_at(a->x, off + BN_PREFETCH_AHEAD * C * inner, es), (size_t)n * es);
                 uint8_t *mask = a->relu_mask ? (uint8_t *)a->relu_mask + (o * C + c0) * f->mask_stride : NULL;
                 char *y = (char *)a->y + off * (int64_t)es;
+                if (f->stream && !mask) { /* line-aligned pieces, the next block's statistics between them */
+                    for (int64_t i0 = 0, len; i0 < n; i0 += len) {
+                        len = bn_stream_piece(y + i0 * (int64_t)es, es, n - i0);
+                        f->k->run_apply(bn_at(a->x, off + i0, es), r.st1, bn_at(a->addend, off + i0, es), NULL, 0, 1, len,
+                                        r.mh + i0, r.ml + i0, r.c1 + i0, r.c2 + i0, a->relu);
+                        bn_stream_copy(y + i0 * (int64_t)es, r.st1, (size_t)len * es);
+                        if (have_next)
+                            bn_run_stats_advance(f, &r, &cu, c1, n1,
+                                                 (int64_t)((double)(q * n + i0 + len) / (double)(g->outer * n) * (double)cu.total));
+                    }
+                    continue;
+                }
                 f->k->run_apply(bn_at(a->x, off, es), f->stream ? (void *)r.st1 : (void *)y, bn_at(a->addend, off, es), mask,
                                 f->mask_stride, nc, inner, r.mh, r.ml, r.c1, r.c2, a->relu);
                 if (f->stream) bn_stream_copy(y, r.st1, (size_t)n * es);
+                if (have_next)
+                    bn_run_stats_advance(f, &r, &cu, c1, n1, (int64_t)((double)(q + 1) / (double)g->outer * (double)cu.total));
             }
+            if (have_next) bn_run_stats_advance(f, &r, &cu, c1, n1, cu.total);
         }
         if (f->stream) bn_stream_fence();
     }
