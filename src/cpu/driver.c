@@ -275,15 +275,10 @@ static size_t bn_stage_plane_bytes(const bn_geom *g, int64_t cb, int stream) {
     return plane;
 }
 
-/* Values in the next piece of a streamed range starting at out (left to go): about BN_STREAM_PIECE
- * bytes, ending on a 64-byte line of the output, so pieces written one after another never split a line
- * between two calls. */
+/* Pieces of about BN_STREAM_PIECE bytes of output, ending on output lines (simd.h bn_line_piece). */
 #define BN_STREAM_PIECE 1024
 static int64_t bn_stream_piece(const void *out, size_t es, int64_t left) {
-    const size_t head = (size_t)(-(uintptr_t)out & 63);
-    int64_t len = (int64_t)((head + (BN_STREAM_PIECE - head) / 64 * 64) / es);
-    if (len < 1) len = (int64_t)(BN_STREAM_PIECE / es);
-    return left < len ? left : len;
+    return bn_line_piece(out, es, left, BN_STREAM_PIECE);
 }
 #ifndef BN_INTERLEAVE
 #define BN_INTERLEAVE 1

@@ -247,13 +247,8 @@ static inline KA KN(relu)(KA z) { return z <= (KA)0 ? (KA)0 : z; }
  * between a streaming and an ordinary store, a read-for-ownership from DRAM each time. Not with a
  * mask (its chunks must start on a byte of bits). out is aligned to its element size (bnorm.h). */
 static inline int64_t bn_chunk_len(const void *out, size_t es, int64_t left, int align) {
-    int64_t len = BN_CHUNK;
-    if (align) { /* values to the next line, then whole lines, at most BN_CHUNK */
-        const int64_t lv = (int64_t)(64 / es), head = (int64_t)(((64 - ((uintptr_t)out & 63)) & 63) / es);
-        len = head >= BN_CHUNK ? BN_CHUNK : head + (BN_CHUNK - head) / lv * lv;
-        if (len < 1) len = BN_CHUNK;
-    }
-    return left < len ? left : len;
+    if (align) return bn_line_piece(out, es, left, (size_t)BN_CHUNK * es);
+    return left < BN_CHUNK ? left : BN_CHUNK;
 }
 #endif
 

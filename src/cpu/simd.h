@@ -55,6 +55,17 @@ static inline void bn_stream_copy(void *dstv, const void *srcv, size_t bytes) {
 #endif
 }
 
+/* Values in the next piece of an output written piece by piece, starting at out with `left` values to
+ * go: about `piece` bytes, ending on a 64-byte line of the output (the values up to the next line, then
+ * whole lines), so consecutive pieces never split a line between two streaming writes. out is aligned
+ * to its element size es. */
+static inline int64_t bn_line_piece(const void *out, size_t es, int64_t left, size_t piece) {
+    const size_t head = (size_t)(-(uintptr_t)out & 63);
+    int64_t len = (int64_t)((head >= piece ? piece : head + (piece - head) / 64 * 64) / es);
+    if (len < 1) len = (int64_t)(piece / es);
+    return left < len ? left : len;
+}
+
 static inline void bn_stream_fence(void) {
 #if defined(__AVX512F__) || defined(__AVX2__) || defined(__SSE2__)
     _mm_sfence();
