@@ -31,3 +31,31 @@ endif()
 add_test(NAME test_embed_verbose COMMAND test_embed verbose)
 set_tests_properties(test_embed_verbose PROPERTIES ENVIRONMENT "BNORM_VERBOSE=1"
   PASS_REGULAR_EXPRESSION "bnorm_verbose,exec,forward_training,4x3,channels_first,float32,schedule=[a-z-]+,isa=[a-z0-9]+,threads=1,comm=0,[0-9.]+ us")
+
+# ABI (issue 16): the library's sources again, with a field appended to the argument structs
+# (-DBNORM_ABI_TEST_APPEND); a consumer compiled against the header without it must keep working.
+set(bnorm_abi_sources "")
+foreach(s ${BNORM_SOURCES})
+  list(APPEND bnorm_abi_sources ${PROJECT_SOURCE_DIR}/${s})
+endforeach()
+add_library(bnorm_abi_appended SHARED ${bnorm_abi_sources} ${BNORM_KERNEL_OBJECTS})
+target_include_directories(bnorm_abi_appended PRIVATE ${PROJECT_SOURCE_DIR}/include)
+target_compile_definitions(bnorm_abi_appended PRIVATE ${BNORM_ISA_DEFS} BNORM_BUILDING BNORM_ABI_TEST_APPEND)
+target_link_libraries(bnorm_abi_appended PRIVATE m)
+if(BNORM_OPENMP)
+  target_link_libraries(bnorm_abi_appended PRIVATE OpenMP::OpenMP_C)
+endif()
+if(BNORM_STATE_IO)
+  target_link_libraries(bnorm_abi_appended PRIVATE PkgConfig::CJSON)
+endif()
+add_executable(test_abi_consumer abi/abi_consumer.c harness.c ref.c)
+target_include_directories(test_abi_consumer PRIVATE ${PROJECT_SOURCE_DIR}/include ${CMAKE_CURRENT_SOURCE_DIR})
+target_link_libraries(test_abi_consumer PRIVATE bnorm_abi_appended m)
+add_test(NAME test_abi_appended_field COMMAND test_abi_consumer)
+
+# Only bnorm_ symbols are exported by the shared library.
+find_program(BNORM_NM NAMES nm)
+if(BNORM_NM)
+  add_test(NAME test_exports COMMAND ${CMAKE_COMMAND} -DNM=${BNORM_NM} -DLIB=$<TARGET_FILE:bnorm>
+                                     -P ${CMAKE_CURRENT_SOURCE_DIR}/abi/check_exports.cmake)
+endif()
