@@ -346,6 +346,9 @@ bnorm_status bnorm_forward(const bnorm_forward_args *args) {
     bnorm_forward_args a;
     bnorm_status st = bn_struct_in(F, "args", args, &a, sizeof a, BN_FWD_V1);
     if (st) return st;
+#ifdef BNORM_ABI_TEST_APPEND /* tests/abi: the appended field must read as zero for older callers */
+    if (a.abi_test_appended) return bn_fail(BNORM_STATUS_UNSUPPORTED, F, "abi_test_appended = %lld", (long long)a.abi_test_appended);
+#endif
     bnorm_plan p;
     st = bn_plan_init_forward(F, &p, &a);
     if (st) return st;

@@ -17,6 +17,15 @@ static void run(int explicit_size) {
     bnorm_forward_args fa = {.struct_size = struct_size, .desc = d, .x = x, .y = y, .weight = w, .bias = b,
                              .eps = 1e-5, .training = 1, .running_mean = rm, .running_var = rv, .momentum = 0.1,
                              .save_mean = mean, .save_invstd = invstd, .save_mean_lo = lo, .num_threads = 2};
+    /* the bytes after the caller's struct are not zero: a library that read past struct_size would
+       see a nonzero appended field (it refuses one) */
+    union {
+        bnorm_forward_args a;
+        unsigned char b[sizeof(bnorm_forward_args) + 64];
+    } u;
+    memset(u.b, 0xab, sizeof u.b);
+    memcpy(u.b, &fa, sizeof fa);
+    CHECK_STATUS(bnorm_forward(&u.a), BNORM_STATUS_OK);
     CHECK_STATUS(bnorm_forward(&fa), BNORM_STATUS_OK);
     bnorm_backward_args ba = {.struct_size = explicit_size ? sizeof(bnorm_backward_args) : 0, .desc = d, .x = x, .dy = dy, .dx = dx, .weight = w,
                               .mean = mean, .mean_lo = lo, .invstd = invstd, .dweight = dw, .dbias = db};
