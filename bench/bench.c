@@ -398,7 +398,7 @@ static int dn_run(dn_job *j) {
 /* Options                                                                                        */
 
 typedef struct opts {
-    int quick, reps, warmup, dnnl, torch;
+    int quick, reps, warmup, dnnl, torch, latency;
     int threads[8], nthreads;
     int dtypes[4], ndtypes;
     int layouts[2], nlayouts;
@@ -412,7 +412,8 @@ static void usage(void) {
     fprintf(stderr,
             "usage: bnorm_bench [--quick|--full] [--threads 1,2] [--dtypes f32,bf16,f16] [--layouts cf,cl]\n"
             "                   [--sets resnet,bn1d,large] [--shape N,C[,d...]]... [--reps R]\n"
-            "                   [--no-dnnl] [--no-torch] [--torch-script PATH] [--out PREFIX] [--offset BYTES]\n");
+            "                   [--no-dnnl] [--no-torch] [--torch-script PATH] [--out PREFIX] [--offset BYTES]\n"
+            "       bnorm_bench --latency [--reps R] [--no-dnnl]   per-call overhead on tiny tensors, 1 thread\n");
 }
 
 static int parse_ints(const char *s, int *out, int cap) {
@@ -456,6 +457,7 @@ static int parse_opts(int argc, char **argv, opts *o) {
         if (!strcmp(a, "--quick")) { o->quick = 1; o->reps = 3; o->warmup = 1; strcpy(o->sets, "tiny"); }
         else if (!strcmp(a, "--full")) { o->quick = 0; }
         else if (!strcmp(a, "--no-dnnl")) o->dnnl = 0;
+        else if (!strcmp(a, "--latency")) o->latency = 1;
         else if (!strcmp(a, "--no-torch")) o->torch = 0;
         else if (!v) { usage(); return 0; }
         else if (!strcmp(a, "--threads")) { if ((o->nthreads = parse_ints(v, o->threads, 8)) <= 0) return 0; i++; }
@@ -518,9 +520,153 @@ static const shape builtin[] = {
 
 /* ---------------------------------------------------------------------------------------------- */
 
+/* ---------------------------------------------------------------------------------------------- */
+/* --latency: the cost of one call on tiny tensors (issue 16), one thread, every library the same way:
+ * the median over R samples of the mean time of K back-to-back calls on the same buffers. "loop" is
+ * the data work alone: a plain C loop computing the same outputs (inference: y = x * scale + shift;
+ * training: two passes for mean/var, then the apply; backward: the two sums, then dx). */
+
+static double lat_sample(int (*fn)(void *), void *ctx, int reps) {
+    enum { K = 2000 };
+    double *t = xalloc(sizeof(double) * (size_t)reps);
+    for (int w = 0; w < K; w++) fn(ctx);
+    for (int r = 0; r < reps; r++) {
+        double t0 = now();
+        for (int k = 0; k < K; k++) fn(ctx);
+        t[r] = (now() - t0) / K;
+    }
+    double m = median(t, reps);
+    free(t);
+    return m * 1e6;
+}
+
+typedef struct lat_ctx {
+    int op;
+    bnorm_desc d;
+    bufs *B;
+    bnorm_plan *plan;
+    bnorm_forward_args fa;
+    bnorm_backward_args ba;
+#ifdef BNORM_BENCH_HAVE_DNNL
+    dn_job dj;
+#endif
+} lat_ctx;
+
+static int lat_functional(void *p) {
+    lat_ctx *c = p;
+    return c->op == OP_BWD_TRAIN ? bnorm_backward(&c->ba) : bnorm_forward(&c->fa);
+}
+static int lat_plan(void *p) {
+    lat_ctx *c = p;
+    return c->op == OP_BWD_TRAIN ? bnorm_plan_backward(c->plan, &c->ba) : bnorm_plan_forward(c->plan, &c->fa);
+}
+#ifdef BNORM_BENCH_HAVE_DNNL
+static int lat_dnnl(void *p) { return !dn_run(&((lat_ctx *)p)->dj); }
+#endif
+static int lat_loop(void *p) {
+    lat_ctx *c = p;
+    const int64_t C = c->d.dims[1], m = bnorm_desc_numel(&c->d) / C; /* rank 2 or 1x1 spatial: rows of C */
+    const float *x = c->B->x, *dy = c->B->dy;
+    float *y = c->B->y, *dx = c->B->dx;
+    float *mean = c->B->sm, *inv = c->B->si;
+    if (c->op == OP_FWD_INFER) {
+        for (int64_t r = 0; r < m; r++)
+            for (int64_t ch = 0; ch < C; ch++) y[r * C + ch] = (x[r * C + ch] - c->B->rm[ch]) * c->B->var[ch] * c->B->w[ch] + c->B->b[ch];
+        return 0;
+    }
+    float s1[4096], s2[4096];
+    for (int64_t ch = 0; ch < C; ch++) s1[ch] = s2[ch] = 0;
+    if (c->op == OP_FWD_TRAIN) {
+        for (int64_t r = 0; r < m; r++)
+            for (int64_t ch = 0; ch < C; ch++) s1[ch] += x[r * C + ch];
+        for (int64_t ch = 0; ch < C; ch++) mean[ch] = s1[ch] / (float)m;
+        for (int64_t r = 0; r < m; r++)
+            for (int64_t ch = 0; ch < C; ch++) {
+                float dd = x[r * C + ch] - mean[ch];
+                s2[ch] += dd * dd;
+            }
+        for (int64_t ch = 0; ch < C; ch++) inv[ch] = 1.0f / sqrtf(s2[ch] / (float)m + 1e-5f);
+        for (int64_t r = 0; r < m; r++)
+            for (int64_t ch = 0; ch < C; ch++) y[r * C + ch] = (x[r * C + ch] - mean[ch]) * inv[ch] * c->B->w[ch] + c->B->b[ch];
+        return 0;
+    }
+    for (int64_t r = 0; r < m; r++)
+        for (int64_t ch = 0; ch < C; ch++) {
+            s1[ch] += dy[r * C + ch];
+            s2[ch] += dy[r * C + ch] * (x[r * C + ch] - mean[ch]);
+        }
+    for (int64_t r = 0; r < m; r++)
+        for (int64_t ch = 0; ch < C; ch++) {
+            float k1 = c->B->w[ch] * inv[ch];
+            dx[r * C + ch] = k1 * (dy[r * C + ch] - s1[ch] / (float)m - (x[r * C + ch] - mean[ch]) * inv[ch] * inv[ch] * s2[ch] / (float)m);
+        }
+    return 0;
+}
+
+static int run_latency(const opts *o) {
+    static const int64_t shp[][4] = {{2, 1, 64, 0}, {2, 8, 64, 0}, {2, 2, 64, 0}, {4, 1, 64, 1}, {4, 32, 64, 1}, {2, 64, 256, 0}};
+    const int ops[] = {OP_FWD_INFER, OP_FWD_TRAIN, OP_BWD_TRAIN};
+    const int reps = o->reps > 3 ? o->reps : 15;
+    set_threads(1);
+    printf("latency: one call, float32, 1 thread, median of %d samples of 2000 calls (us per call)\n", reps);
+    printf("%-12s %-9s %9s %9s %9s %9s %12s %12s\n", "shape", "op", "loop", "plan", "function", "oneDNN",
+           "plan-loop", "plan/oneDNN");
+    int fails = 0;
+    for (size_t si = 0; si < sizeof shp / sizeof *shp; si++) {
+        bnorm_desc d = {.dtype = BNORM_DTYPE_F32, .layout = BNORM_LAYOUT_CHANNELS_FIRST, .rank = (int)shp[si][0]};
+        d.dims[0] = shp[si][1];
+        d.dims[1] = shp[si][2];
+        for (int k = 2; k < d.rank; k++) d.dims[k] = 1;
+        char name[32];
+        if (d.rank == 2) snprintf(name, sizeof name, "%lldx%lld", (long long)d.dims[0], (long long)d.dims[1]);
+        else snprintf(name, sizeof name, "%lldx%lldx1x1", (long long)d.dims[0], (long long)d.dims[1]);
+        if (d.dims[0] == 1 && d.rank == 2) { /* (1, C) cannot train: inference only */ }
+        bufs B;
+        bufs_alloc(&B, &d, 1);
+        for (size_t oi = 0; oi < sizeof ops / sizeof *ops; oi++) {
+            int op = ops[oi];
+            if (op != OP_FWD_INFER && d.dims[0] == 1) continue; /* one value per channel cannot train */
+            lat_ctx c = {.op = op, .d = d, .B = &B};
+            c.fa = (bnorm_forward_args){.struct_size = sizeof c.fa, .desc = d, .x = B.x, .y = B.y, .weight = B.w,
+                                        .bias = B.b, .eps = 1e-5, .training = op == OP_FWD_TRAIN, .running_mean = B.rm,
+                                        .running_var = B.rv, .momentum = 0.1, .num_threads = 1};
+            if (op == OP_FWD_TRAIN) { c.fa.save_mean = B.sm; c.fa.save_invstd = B.si; }
+            c.ba = (bnorm_backward_args){.struct_size = sizeof c.ba, .desc = d, .x = B.x, .dy = B.dy, .dx = B.dx,
+                                         .weight = B.w, .mean = B.sm, .invstd = B.si, .dweight = B.dw, .dbias = B.db,
+                                         .num_threads = 1};
+            int st = op == OP_BWD_TRAIN ? bnorm_plan_create_backward(&c.ba, &c.plan) : bnorm_plan_create_forward(&c.fa, &c.plan);
+            if (st) { printf("%s: plan failed: %s\n", name, bnorm_last_error()); fails++; continue; }
+            double tl = lat_sample(lat_loop, &c, reps), tp = lat_sample(lat_plan, &c, reps), tf = lat_sample(lat_functional, &c, reps);
+            double td = -1;
+#ifdef BNORM_BENCH_HAVE_DNNL
+            if (o->dnnl && dn_ok && dn_build(&c.dj, op, &d, &B)) {
+                td = lat_sample(lat_dnnl, &c, reps);
+                dn_free(&c.dj);
+            }
+#endif
+            char dn[16] = "-", ratio[16] = "-";
+            if (td > 0) {
+                snprintf(dn, sizeof dn, "%.3f", td);
+                snprintf(ratio, sizeof ratio, "%.2f", tp / td);
+            }
+            printf("%-12s %-9s %9.3f %9.3f %9.3f %9s %12.3f %12s\n", name, op_name[op], tl, tp, tf, dn, tp - tl, ratio);
+            bnorm_plan_destroy(c.plan);
+        }
+        bufs_free(&B);
+    }
+    return fails ? 1 : 0;
+}
+
 int main(int argc, char **argv) {
     opts o;
     if (!parse_opts(argc, argv, &o)) { usage(); return 2; }
+    if (o.latency) {
+#ifdef BNORM_BENCH_HAVE_DNNL
+        if (o.dnnl) dn_init();
+#endif
+        printf("bnorm_bench --latency: bnorm %s, isa %s\n", bnorm_version_string(), bnorm_isa_name(bnorm_get_isa()));
+        return run_latency(&o);
+    }
     shape shapes[128];
     int nshapes = 0;
     for (size_t i = 0; i < sizeof builtin / sizeof *builtin; i++)
