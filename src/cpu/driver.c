@@ -59,7 +59,7 @@ static void bn_ws_layout(bnorm_plan *p) {
     const bnorm_dtype dt = p->op == BN_OP_FORWARD ? p->fa.desc.dtype : p->ba.desc.dtype;
     const int run = bn_small_planes(&p->g, dt);
     p->ws_per_thread = 7 * C + (run ? (size_t)BN_RUN_SCRATCH : 0);
-    p->ws_fixed = 14 * C + (size_t)(cs + 1) * (BN_HDR + 1 + 2 * C) + 16 + (run ? 8 : 0);
+    p->ws_fixed = 17 * C + (size_t)(cs + 1) * (BN_HDR + 1 + 3 * C) + 16 + (run ? 8 : 0);
 }
 
 /* A bump allocator over the execution's workspace. */
@@ -933,13 +933,16 @@ bnorm_status bn_cpu_forward(const bnorm_plan *p, const bnorm_forward_args *a, do
     }
     double n_total = (double)g->m;
     if (comm) {
-        size_t cnt = BN_HDR + 1 + 2 * (size_t)C;
+        /* the same size as the backward's payload (its third block unused here), so that ranks running
+           different operations are told apart by the header in one-collective mode */
+        size_t cnt = BN_HDR + 1 + 3 * (size_t)C;
         double *send = bn_take(&ar, cnt), *recv = bn_take(&ar, cnt * (size_t)comm->size);
         bn_fill_header(send, BN_OP_FORWARD, &a->desc, (a->relu ? 1 : 0) | (a->running_mean ? 4 : 0));
         send[BN_HDR] = (double)g->m;
         for (int64_t c = 0; c < C; c++) {
             send[BN_HDR + 1 + c] = gmean[c];
             send[BN_HDR + 1 + C + c] = gm2[c];
+            send[BN_HDR + 1 + 2 * C + c] = 0;
         }
         bnorm_status st = bn_exchange(F, comm, send, cnt, recv);
         if (st) return st;
@@ -986,16 +989,67 @@ typedef struct bn_bwd_ctx {
     /* x as the apply kernels read it: NULL with global statistics, where dx = g * k1 does not depend
        on x (k2 = k3 = 0), so the apply reads dy only */
     const void *ax;
+    /* float64 training backward: delta[c], what the saved double mean's rounding dropped (the mean's
+       residual sum (x - mean) / m, measured in a pre-pass); NULL otherwise */
+    const double *delta;
 } bn_bwd_ctx;
 
 static double bn_bwd_mean(const bn_bwd_ctx *b, int64_t c) { return bn_bwd_mean_of(b->a, b->pd, c); }
 static double bn_bwd_invstd(const bn_bwd_ctx *b, int64_t c) { return bn_bwd_invstd_of(b->a, b->pd, c); }
+/* With delta (float64), the kernels' sums and dx use the rounded mean: sum g (x - mean - delta) =
+ * sgx - delta * sg, and dx = g k1 - k2 - (x - mean - delta) k3 = g k1 - (k2 - delta k3) - (x - mean) k3. */
 static void bn_bwd_param_grads(const bn_bwd_ctx *b, int64_t c, double sg, double sgx, double invstd) {
-    bn_bwd_param_grads_of(b->a, b->pd, c, sg, sgx, invstd);
+    bn_bwd_param_grads_of(b->a, b->pd, c, sg, b->delta ? sgx - b->delta[c] * sg : sgx, invstd);
 }
 static void bn_bwd_coefs(const bn_bwd_ctx *b, int64_t c, double sg, double sgx, double invstd, double *k1,
                          double *k2, double *k3) {
-    bn_bwd_coefs_of(b->a, b->pd, c, b->n_total, sg, sgx, invstd, k1, k2, k3);
+    bn_bwd_coefs_of(b->a, b->pd, c, b->n_total, sg, b->delta ? sgx - b->delta[c] * sg : sgx, invstd, k1, k2, k3);
+    if (b->delta) *k2 -= b->delta[c] * *k3;
+}
+
+/* float64 pre-pass: per-thread sums of (x - mean) per channel (rows_dev against the saved mean; x - mean
+ * is exact where x is within a factor 2 of the mean), merged in thread order into sd. */
+typedef struct bn_resid_env {
+    const bn_bwd_ctx *b;
+    int nt;
+    double *part;
+    const double *ref;
+} bn_resid_env;
+
+static void bn_bwd_resid_task(void *env_, int t) {
+    const bn_resid_env *e = (const bn_resid_env *)env_;
+    const bn_bwd_ctx *b = e->b;
+    const bn_geom *g = &b->g;
+    const int64_t C = g->C;
+    const char *x = (const char *)b->a->x;
+    double *s1 = e->part + (size_t)t * 2 * C, *s2 = s1 + C;
+    for (int64_t c = 0; c < C; c++) s1[c] = s2[c] = 0;
+    int64_t lo, hi;
+    if (g->planes) {
+        bn_range(g->outer * C, t, e->nt, &lo, &hi);
+        for (int64_t p = lo; p < hi; p++) {
+            const int64_t c = p % C;
+            b->k->rows_dev(x + p * g->inner * (int64_t)g->esize, g->inner, 1, &e->ref[c], &s1[c], &s2[c]);
+        }
+    } else {
+        bn_range(g->outer, t, e->nt, &lo, &hi);
+        for (int64_t r0 = lo; r0 < hi; r0 += 1024) {
+            const int64_t rows = hi - r0 < 1024 ? hi - r0 : 1024;
+            b->k->rows_dev(x + r0 * C * (int64_t)g->esize, rows, C, e->ref, s1, s2);
+        }
+    }
+}
+
+static void bn_bwd_residual_sums(const bn_bwd_ctx *b, int nt, double *part, double *ref, double *sd) {
+    const int64_t C = b->g.C;
+    for (int64_t c = 0; c < C; c++) ref[c] = bn_bwd_mean(b, c);
+    bn_resid_env env = {b, nt, part, ref};
+    bn_exec_run(b->ex, bn_bwd_resid_task, &env);
+    for (int64_t c = 0; c < C; c++) {
+        double s = 0;
+        for (int t = 0; t < nt; t++) s += part[(size_t)t * 2 * C + c];
+        sd[c] = s;
+    }
 }
 
 static void bn_bwd_apply_plane_to(const bn_bwd_ctx *b, int64_t p, void *dx, void *dadd, int stream, double mean,
@@ -1473,12 +1527,28 @@ bnorm_status bn_cpu_backward(const bnorm_plan *p, const bnorm_backward_args *a, 
     b.stream = bn_stream_output(&b.g);
     b.n_total = (double)b.g.m;
     b.ax = a->use_global_stats ? NULL : a->x;
+    b.delta = NULL;
     const bn_geom *g = &b.g;
     const int64_t C = g->C;
     const int nt = p->ex.nt;
     const bnorm_comm *comm = p->comm;
     const int need_sums = !a->use_global_stats || a->dweight || a->dbias || comm;
     bn_arena ar = {ws, 0};
+    /* float64 training backward: the saved mean is one double; its residual makes the backward as
+       accurate as a double-double mean (docs/design.md) */
+    double *sd = bn_take(&ar, C), *delta = bn_take(&ar, C);
+    const int resid = b.dbl && !a->use_global_stats;
+    if (resid) {
+        const size_t mark = ar.used;
+        if (g->m > 0) bn_bwd_residual_sums(&b, nt, bn_take(&ar, (size_t)nt * 2 * C), bn_take(&ar, C), sd);
+        else
+            for (int64_t c = 0; c < C; c++) sd[c] = 0;
+        ar.used = mark;
+        if (!comm) {
+            for (int64_t c = 0; c < C; c++) delta[c] = g->m > 0 ? sd[c] / (double)g->m : 0;
+            b.delta = delta;
+        }
+    }
 
     if (p->sched == BN_SCHED_RUN) {
         bn_bwd_run_schedule(&b, nt, need_sums, bn_take(&ar, (size_t)nt * BN_RUN_SCRATCH));
@@ -1513,8 +1583,9 @@ bnorm_status bn_cpu_backward(const bnorm_plan *p, const bnorm_backward_args *a, 
     /* parameter gradients from the local sums (or the global ones on request, below) */
     double *gsg = sg, *gsgx = sgx;
     if (comm) {
-        /* payload: local count, then the two sums; the global count is their sum */
-        size_t cnt = BN_HDR + 1 + 2 * (size_t)C;
+        /* payload: local count, then the two sums and the float64 mean residual sums; the global count
+           is the sum of the counts */
+        size_t cnt = BN_HDR + 1 + 3 * (size_t)C;
         double *send = bn_take(&ar, cnt), *recv = bn_take(&ar, cnt * (size_t)comm->size);
         /* no pointer-presence flags: a rank with an empty batch may pass NULL buffers */
         bn_fill_header(send, BN_OP_BACKWARD, &a->desc, 0);
@@ -1522,6 +1593,7 @@ bnorm_status bn_cpu_backward(const bnorm_plan *p, const bnorm_backward_args *a, 
         for (int64_t c = 0; c < C; c++) {
             send[BN_HDR + 1 + c] = sg[c];
             send[BN_HDR + 1 + C + c] = sgx[c];
+            send[BN_HDR + 1 + 2 * C + c] = resid ? sd[c] : 0;
         }
         bnorm_status st = bn_exchange(F, comm, send, cnt, recv);
         if (st) return st;
@@ -1538,6 +1610,14 @@ bnorm_status bn_cpu_backward(const bnorm_plan *p, const bnorm_backward_args *a, 
             }
             gsg[c] = s;
             gsgx[c] = sx;
+        }
+        if (resid) {
+            for (int64_t c = 0; c < C; c++) {
+                double d = 0;
+                for (int r = 0; r < comm->size; r++) d += recv[(size_t)r * cnt + BN_HDR + 1 + 2 * C + c];
+                delta[c] = b.n_total > 0 ? d / b.n_total : 0;
+            }
+            b.delta = delta;
         }
     }
     if (need_sums) {
