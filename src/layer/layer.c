@@ -494,11 +494,12 @@ bnorm_status bnorm_layer_set_comm(bnorm_layer *l, const bnorm_comm *comm, int re
     bn_clear_error();
     if (!l) return bn_fail(BNORM_STATUS_NULL_POINTER, F, "layer is NULL");
     if (comm) {
-        if (comm->size < 1 || comm->rank < 0 || comm->rank >= comm->size)
-            return bn_fail(BNORM_STATUS_INVALID_ARGUMENT, F, "comm rank = %d, size = %d: need 0 <= rank < size",
-                           comm->rank, comm->size);
-        if (!comm->allgather) return bn_fail(BNORM_STATUS_NULL_POINTER, F, "comm->allgather is NULL");
-        l->comm = *comm;
+        bnorm_comm c;
+        bnorm_status st = bn_struct_in(F, "comm", comm, &c, sizeof c, BN_V1_SIZE(bnorm_comm, ctx));
+        if (st) return st;
+        st = bn_check_comm(F, &c);
+        if (st) return st;
+        l->comm = c;
     }
     l->has_comm = comm != NULL;
     l->reduce_param_grads = reduce_param_grads != 0;
