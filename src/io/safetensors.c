@@ -6,9 +6,10 @@
  * every entry of the whole file (not only the tensors we want) is validated against the data area
  * before anything is copied; the layer is written only after all of its tensors have been read and
  * converted into scratch arrays. Writing builds the whole file in memory, then goes through a temporary
- * file in the destination's directory (write, flush, fsync, close, rename, fsync of the directory) so
- * the destination is replaced whole or not at all. See docs/state.md for the format and its rules.
+ * file in the destination's directory (anonymous where the system allows: write, fsync, link, close,
+ * rename, fsync of the directory) so the destination is replaced whole or not at all. See docs/state.md for the format and its rules.
  */
+#define _GNU_SOURCE /* O_TMPFILE */
 #define _POSIX_C_SOURCE 200809L
 
 #include "../layer/layer_internal.h"
@@ -1249,22 +1250,56 @@ static void st_put_le(unsigned char *d, uint64_t v, int bytes) {
     for (int i = 0; i < bytes; i++) d[i] = (unsigned char)(v >> (8 * i));
 }
 
-/* Writes the chunks to a temporary file next to path, syncs it and renames it over path. */
+/* Writes all chunks to fd; the "write" test hook makes one write stop halfway, as a full disk would. */
+static int st_write_all(int fd, int *step, const unsigned char *const *chunk, const size_t *len, int nchunks) {
+    for (int i = 0; i < nchunks; i++) {
+        size_t n = len[i], done = 0;
+        int fail = st_inject(step, "write");
+        if (fail) n /= 2;
+        while (done < n) {
+            ssize_t k = write(fd, chunk[i] + done, n - done);
+            if (k < 0 && errno == EINTR) continue;
+            if (k <= 0) {
+                if (k == 0) errno = EIO;
+                return -1;
+            }
+            done += (size_t)k;
+        }
+        if (fail) {
+            errno = EIO;
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* A fresh name next to path for the temporary file. */
+static void st_tmp_name(char *tmp, size_t cap, const char *path) {
+    static atomic_uint counter;
+    snprintf(tmp, cap, "%s.tmp-%ld-%u", path, (long)getpid(), atomic_fetch_add(&counter, 1u));
+}
+
+/* Writes the chunks to a new file next to path, syncs it and renames it over path, so that path holds
+ * the old file or the new one, whole. Where the system has O_TMPFILE (Linux 3.11+, most local file
+ * systems) the data goes to an anonymous file in path's directory that gets a name (linkat) only once
+ * it is complete and synced, just before the rename: a process killed while writing leaves nothing
+ * behind (the window left is the one between linkat and rename). Elsewhere, or when the file system
+ * refuses, a named temporary file is created first (O_EXCL) and removed on every error; only a kill
+ * can leave it. */
 static bnorm_status st_write_atomic(const char *F, const char *path, const unsigned char *const *chunk,
                                     const size_t *len, int nchunks) {
-    static atomic_uint counter;
     int step = 0;
     const char *what = "create";
     size_t pl = strlen(path);
     char *tmp = (char *)malloc(pl + 64), *dir = (char *)malloc(pl + 2);
-    FILE *fp = NULL;
-    int fd = -1, err = 0;
+    int fd = -1, err = 0, named = 0; /* named: tmp exists in the directory */
     bnorm_status st = BNORM_STATUS_OK;
     if (!tmp || !dir) {
         free(tmp);
         free(dir);
         return bn_fail(BNORM_STATUS_OUT_OF_MEMORY, F, "cannot allocate file names");
     }
+    tmp[0] = '\0';
     const char *slash = strrchr(path, '/');
     if (!slash) strcpy(dir, ".");
     else if (slash == path) strcpy(dir, "/");
@@ -1272,48 +1307,62 @@ static bnorm_status st_write_atomic(const char *F, const char *path, const unsig
         memcpy(dir, path, (size_t)(slash - path));
         dir[slash - path] = '\0';
     }
-    for (int tries = 0;; tries++) {
-        snprintf(tmp, pl + 64, "%s.tmp-%ld-%u", path, (long)getpid(), atomic_fetch_add(&counter, 1u));
-        if (st_inject(&step, what)) break;
-        fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
-        if (fd >= 0 || errno != EEXIST || tries >= 100) break;
-    }
-    if (fd < 0) {
-        err = errno;
-        st = bn_fail(BNORM_STATUS_IO, F, "%s: cannot create the temporary file %s: %s (the destination is unchanged)",
-                     path, tmp, strerror(err));
-        goto out;
-    }
-    fp = fdopen(fd, "wb");
-    if (!fp) {
-        err = errno;
-        close(fd);
-        goto fail;
-    }
-    for (int i = 0; i < nchunks; i++) {
-        what = "write";
-        if (st_inject(&step, what)) {
-            err = errno;
-            fwrite(chunk[i], 1, len[i] / 2, fp);
-            goto fail;
-        }
-        if (fwrite(chunk[i], 1, len[i], fp) != len[i]) {
-            err = errno ? errno : EIO;
-            goto fail;
-        }
-    }
-    what = "flush";
-    if (st_inject(&step, what) || fflush(fp) != 0) { err = errno; goto fail; }
-    what = "fsync";
-    if (st_inject(&step, what) || fsync(fileno(fp)) != 0) { err = errno; goto fail; }
-    what = "close";
+    int anon = 0;
     if (st_inject(&step, what)) {
         err = errno;
-        goto fail;
+        st = bn_fail(BNORM_STATUS_IO, F, "%s: cannot create the temporary file: %s (the destination is unchanged)", path,
+                     strerror(err));
+        goto out;
     }
+#ifdef O_TMPFILE
+    fd = open(dir, O_TMPFILE | O_WRONLY | O_CLOEXEC, 0666);
+    anon = fd >= 0;
+#endif
+retry_named:
+    if (!anon) {
+        for (int tries = 0;; tries++) {
+            st_tmp_name(tmp, pl + 64, path);
+            fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+            if (fd >= 0 || errno != EEXIST || tries >= 100) break;
+        }
+        if (fd < 0) {
+            err = errno;
+            st = bn_fail(BNORM_STATUS_IO, F, "%s: cannot create the temporary file %s: %s (the destination is unchanged)",
+                         path, tmp, strerror(err));
+            goto out;
+        }
+        named = 1;
+    }
+    what = "write";
+    if (st_write_all(fd, &step, chunk, len, nchunks) != 0) { err = errno; goto fail; }
+    what = "fsync";
+    if (st_inject(&step, what) || fsync(fd) != 0) { err = errno; goto fail; }
+#ifdef O_TMPFILE
+    if (anon) {
+        what = "link";
+        if (st_inject(&step, what)) { err = errno; goto fail; }
+        char proc[64];
+        snprintf(proc, sizeof proc, "/proc/self/fd/%d", fd);
+        int rc = -1;
+        for (int tries = 0; tries <= 100; tries++) {
+            st_tmp_name(tmp, pl + 64, path);
+            rc = linkat(AT_FDCWD, proc, AT_FDCWD, tmp, AT_SYMLINK_FOLLOW);
+            if (rc == 0 || errno != EEXIST) break;
+        }
+        if (rc != 0) { /* no /proc, or a file system that cannot link it: write again, with a name */
+            close(fd);
+            fd = -1;
+            anon = 0;
+            goto retry_named;
+        }
+        named = 1;
+    }
+#endif
+    what = "close";
+    if (st_inject(&step, what)) { err = errno; goto fail; }
     {
-        int rc = fclose(fp);
-        fp = NULL;
+        int rc = close(fd);
+        fd = -1;
         if (rc != 0) { err = errno; goto fail; }
     }
     what = "rename";
@@ -1334,8 +1383,8 @@ static bnorm_status st_write_atomic(const char *F, const char *path, const unsig
                      "name may not survive a system crash)", path, what, dir, strerror(err));
     goto out;
 fail:
-    if (fp) fclose(fp);
-    unlink(tmp);
+    if (fd >= 0) close(fd);
+    if (named) unlink(tmp);
     st = bn_fail(BNORM_STATUS_IO, F, "%s: %s of the temporary file failed: %s (the destination is unchanged)", path,
                  what, strerror(err ? err : EIO));
 out:
