@@ -202,7 +202,7 @@ static bnorm_status st_fmt(st_file *f, const char *fmt_rule, const char *name) {
 typedef struct st_scan {
     const char *s;
     size_t n, i;
-    size_t members, meta_members; /* top-level members; members of top-level __metadata__ objects */
+    size_t members, meta_members; /* tensors (top-level members); members of __metadata__ objects */
     const char *why;              /* a limit that was exceeded (NULL: a syntax error) */
 } st_scan;
 
@@ -291,11 +291,11 @@ static int st_scan_value(st_scan *p, int depth, int kind) {
                 size_t k0 = p->i;
                 if (!st_scan_string(p)) return 0;
                 if (kind == 1) {
-                    if (++p->members > ST_MAX_ENTRIES + 1) {
+                    if (p->i - k0 == 14 && memcmp(s + k0, "\"__metadata__\"", 14) == 0) sub = 2;
+                    else if (++p->members > ST_MAX_ENTRIES) {
                         p->why = "more than " ST_STR(ST_MAX_ENTRIES) " tensors";
                         return 0;
                     }
-                    if (p->i - k0 == 14 && memcmp(s + k0, "\"__metadata__\"", 14) == 0) sub = 2;
                 } else if (kind == 2 && ++p->meta_members > ST_MAX_ENTRIES) {
                     p->why = "more than " ST_STR(ST_MAX_ENTRIES) " __metadata__ entries";
                     return 0;
