@@ -385,6 +385,12 @@ static void test_limits(void) {
     CHECK(n == 1 && e && strcmp(e[0].prefix, "bn.") == 0, "escaped names: %zu layers, first %s", n,
           n ? e[0].prefix : "-");
     bnorm_state_list_free(e);
+    /* "__metadata__" spelled with an escape is still the metadata (more entries than pass 1 counted) */
+    const char *esc = "{\"__metadata\\u005f_\":{\"a\":\"1\",\"b\":\"2\",\"c\":\"3\"}}";
+    write_st(path, esc, strlen(esc), NULL, 0);
+    CHECK_STATUS(bnorm_state_list(path, &e, &n), BNORM_STATUS_OK);
+    CHECK(n == 0, "escaped __metadata__: %zu layers", n);
+    bnorm_state_list_free(e);
     free(h.p);
     unlink(path);
 }

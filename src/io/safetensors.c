@@ -540,12 +540,14 @@ static bnorm_status st_check_offsets(st_file *f, const st_entry *e) {
     return BNORM_STATUS_OK;
 }
 
-/* __metadata__: an object of strings, kept as (key, value) pairs. */
+/* __metadata__: an object of strings, kept as (key, value) pairs. cap: the count of pass 1 (which
+ * misses a key "__metadata__" written with escapes: then the array grows). */
 static bnorm_status st_walk_metadata(st_walk *w, size_t cap) {
     st_file *f = w->f;
     if (st_peek(w) != '{') return st_fmt(f, "__metadata__ is not an object of strings", NULL);
     w->i++;
-    f->meta = (st_meta *)malloc((cap ? cap : 1) * sizeof *f->meta);
+    cap = cap ? cap : 1;
+    f->meta = (st_meta *)malloc(cap * sizeof *f->meta);
     if (!f->meta)
         return bn_fail(BNORM_STATUS_OUT_OF_MEMORY, f->F, "%s: cannot allocate %zu metadata entries", f->label, cap);
     bnorm_status st;
@@ -558,7 +560,16 @@ static bnorm_status st_walk_metadata(st_walk *w, size_t cap) {
             return bn_fail(BNORM_STATUS_FORMAT, f->F, "%s: __metadata__ entry \"" ST_NAME_FMT "\" is not a string",
                            f->label, key);
         if ((st = st_string(w, &val))) return st;
-        if (f->nmeta >= cap) return st_fmt(f, "__metadata__ changed between two readings", NULL); /* cannot happen */
+        if (f->nmeta == cap) {
+            if (cap >= ST_MAX_ENTRIES)
+                return st_fmt(f, "the header has more than " ST_STR(ST_MAX_ENTRIES) " __metadata__ entries", NULL);
+            st_meta *q = (st_meta *)realloc(f->meta, 2 * cap * sizeof *q);
+            if (!q)
+                return bn_fail(BNORM_STATUS_OUT_OF_MEMORY, f->F, "%s: cannot allocate %zu metadata entries", f->label,
+                               2 * cap);
+            f->meta = q;
+            cap *= 2;
+        }
         f->meta[f->nmeta].key = key;
         f->meta[f->nmeta].value = val;
         f->nmeta++;
