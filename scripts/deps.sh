@@ -4,7 +4,7 @@
 #   usage: scripts/deps.sh [core|test|demo|bench]...
 set -euo pipefail
 
-pkgs_core=(build-essential cmake pkg-config libcjson-dev)
+pkgs_core=(build-essential cmake pkg-config)
 pkgs_test=(libopenmpi-dev openmpi-bin python3 python3-numpy python3-torch clang libclang-rt-14-dev valgrind zlib1g-dev)
 pkgs_demo=(zlib1g-dev gnuplot-nox)
 pkgs_bench=(libdnnl-dev python3-torch gnuplot-nox)

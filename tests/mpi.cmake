@@ -14,4 +14,15 @@ if(BNORM_MPI)
     set_tests_properties(test_mpi_np${np} PROPERTIES TIMEOUT 120 PROCESSORS ${np}
                          ENVIRONMENT "OMP_WAIT_POLICY=PASSIVE")
   endforeach()
+
+  # Faults of the one-collective mode (validate = 0): a C mismatch, a straggler after a timeout.
+  add_executable(test_mpi_faults test_mpi_faults.c)
+  target_link_libraries(test_mpi_faults PRIVATE bnorm_mpi bnorm_testlib MPI::MPI_C m)
+  foreach(np 2 3)
+    add_test(NAME test_mpi_faults_np${np}
+             COMMAND ${MPIEXEC_EXECUTABLE} ${BNORM_MPIEXEC_FLAGS} ${MPIEXEC_NUMPROC_FLAG} ${np}
+                     ${MPIEXEC_PREFLAGS} $<TARGET_FILE:test_mpi_faults> ${MPIEXEC_POSTFLAGS})
+    set_tests_properties(test_mpi_faults_np${np} PROPERTIES TIMEOUT 120 PROCESSORS ${np}
+                         ENVIRONMENT "OMP_WAIT_POLICY=PASSIVE")
+  endforeach()
 endif()

@@ -36,14 +36,12 @@ endif()
 # sources compiled again, scalar kernels only), run for a bounded time on a copy of the committed seeds.
 set(BNORM_FUZZ_SECONDS 10 CACHE STRING "Seconds the safetensors fuzz test runs")
 find_program(BNORM_CLANG NAMES clang clang-14)
-find_package(PkgConfig QUIET)
-if(BNORM_CLANG AND PkgConfig_FOUND)
-  pkg_check_modules(BNORM_FUZZ_CJSON QUIET libcjson)
+if(BNORM_CLANG)
   set(probe ${CMAKE_CURRENT_BINARY_DIR}/fuzz_probe)
   file(WRITE ${probe}.c "#include <stddef.h>\n#include <stdint.h>\nint LLVMFuzzerTestOneInput(const uint8_t *d, size_t n) { (void)d; (void)n; return 0; }\n")
   execute_process(COMMAND ${BNORM_CLANG} -fsanitize=fuzzer,address ${probe}.c -o ${probe}
                   RESULT_VARIABLE BNORM_FUZZ_RC OUTPUT_QUIET ERROR_QUIET)
-  if(BNORM_FUZZ_RC EQUAL 0 AND BNORM_FUZZ_CJSON_FOUND)
+  if(BNORM_FUZZ_RC EQUAL 0)
     set(src ${PROJECT_SOURCE_DIR}/src)
     set(fuzz_sources ${CMAKE_CURRENT_SOURCE_DIR}/fuzz/fuzz_safetensors.c ${src}/io/safetensors.c
         ${src}/layer/layer.c ${src}/layer/fold.c ${src}/core/error.c ${src}/core/desc.c ${src}/core/half.c
@@ -52,8 +50,8 @@ if(BNORM_CLANG AND PkgConfig_FOUND)
     set(fuzz_exe ${CMAKE_CURRENT_BINARY_DIR}/fuzz_safetensors)
     add_custom_command(OUTPUT ${fuzz_exe}
       COMMAND ${BNORM_CLANG} -std=c11 -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined
-              -DBN_ISA=scalar -I${PROJECT_SOURCE_DIR}/include -I${src} ${BNORM_FUZZ_CJSON_CFLAGS}
-              ${fuzz_sources} ${BNORM_FUZZ_CJSON_LDFLAGS} -lm -o ${fuzz_exe}
+              -DBN_ISA=scalar -I${PROJECT_SOURCE_DIR}/include -I${src}
+              ${fuzz_sources} -lm -o ${fuzz_exe}
       DEPENDS ${fuzz_sources} ${src}/core/internal.h ${src}/core/plan.h ${src}/layer/layer_internal.h
               ${PROJECT_SOURCE_DIR}/include/bnorm/bnorm.h
       COMMENT "Building the safetensors fuzz target with clang/libFuzzer" VERBATIM)
@@ -66,7 +64,7 @@ if(BNORM_CLANG AND PkgConfig_FOUND)
                      -DSEEDS=${CMAKE_CURRENT_SOURCE_DIR}/fuzz/corpus -P ${CMAKE_CURRENT_SOURCE_DIR}/fuzz/run_fuzz.cmake)
     set_tests_properties(test_state_fuzz PROPERTIES LABELS fuzz TIMEOUT 300)
   else()
-    message(STATUS "bnorm: clang cannot build libFuzzer targets (or no cJSON): test_state_fuzz skipped")
+    message(STATUS "bnorm: clang cannot build libFuzzer targets: test_state_fuzz skipped")
   endif()
 else()
   message(STATUS "bnorm: no clang: test_state_fuzz skipped")

@@ -534,11 +534,17 @@ typedef enum bnorm_tensor_id {
 
 /* Direct read/write access to a layer tensor: *data points to num_features values of the parameter
  * dtype, owned by the layer, valid until it is destroyed. UNSUPPORTED (and *data = NULL) for a
- * tensor the layer does not have (weight/bias/grads without affine; running stats without tracking). */
+ * tensor the layer does not have (weight/bias/grads without affine; running stats without tracking).
+ * INVALID_ARGUMENT for an id that is not a bnorm_tensor_id, with *data not written. */
 BNORM_API bnorm_status bnorm_layer_tensor(bnorm_layer *layer, bnorm_tensor_id id, void **data);
 /* "weight", "bias", "running_mean", "running_var", "weight.grad", "bias.grad". */
 BNORM_API const char *bnorm_tensor_name(bnorm_tensor_id id);
 
+/* num_batches_tracked is in [0, INT64_MAX]. It SATURATES: a training forward at INT64_MAX leaves it
+ * there (no wrap to a negative count, which would make a saved file unloadable and the cumulative
+ * factor 1 / (num_batches_tracked + 1) negative); at a step per microsecond it takes 292,000 years to
+ * get there, so this never differs from PyTorch in practice. The setter refuses a negative value
+ * (INVALID_ARGUMENT, nothing changed); a file holding one is refused by bnorm_layer_load (FORMAT). */
 BNORM_API bnorm_status bnorm_layer_get_num_batches_tracked(const bnorm_layer *layer, int64_t *out);
 BNORM_API bnorm_status bnorm_layer_set_num_batches_tracked(bnorm_layer *layer, int64_t value);
 
@@ -555,8 +561,8 @@ BNORM_API bnorm_status bnorm_layer_set_comm(bnorm_layer *layer, const bnorm_comm
 /* Saves the layer's state to path in the safetensors format under the tensor names of a PyTorch
  * state_dict prefixed by prefix (NULL or "" for none; e.g. "layer1.0.bn1."): weight, bias (affine),
  * running_mean, running_var, num_batches_tracked (int64 scalar) (tracking). The layer options are
- * stored in the header's __metadata__. Atomic: a temporary file in the same directory is written,
- * flushed and renamed over path. */
+ * stored in the header's __metadata__. Atomic: a temporary file in the same directory (anonymous,
+ * O_TMPFILE, where the system has it; else named) is written, synced and renamed over path. */
 BNORM_API bnorm_status bnorm_layer_save(const bnorm_layer *layer, const char *path, const char *prefix);
 
 /* Loads the tensors named prefix + state_dict name from a safetensors file (a whole model's
@@ -580,15 +586,22 @@ BNORM_API bnorm_status bnorm_layer_load(bnorm_layer *layer, const char *path, co
  *     When the file holds bnorm options for prefix they must agree with its tensors (else FORMAT), and
  *     eps, momentum, momentum_mode, freeze and fused_relu are taken from them; without them the layer
  *     keeps its own options. Gradients and the training flag are neither saved nor loaded.
- *   - Load errors: BNORM_STATUS_IO (cannot open or read), BNORM_STATUS_FORMAT (not a valid safetensors
- *     file: every tensor entry of the whole file is checked, and the tensors must tile the data area
- *     with no overlap, hole or trailing byte), BNORM_STATUS_SHAPE_MISMATCH (as above). The message names
- *     the file, the tensor and the rule. On any error the layer is unchanged.
+ *   - Load errors: BNORM_STATUS_IO (cannot open or read; a path that is not a regular file, such as a
+ *     FIFO or a device, is refused at once without blocking), BNORM_STATUS_FORMAT (not a valid
+ *     safetensors file: every tensor entry of the whole file is checked, and the tensors must tile the
+ *     data area with no overlap, hole or trailing byte), BNORM_STATUS_SHAPE_MISMATCH (as above). The
+ *     message names the file, the tensor and the rule. On any error the layer is unchanged.
+ *   - Limits of a header, each refused with BNORM_STATUS_FORMAT after one scan and before anything is
+ *     built: 100,000,000 bytes, 1,000,000 tensors, 1,000,000 __metadata__ entries, shapes of rank 64,
+ *     JSON nesting 16. Within them a load or a listing takes time O(h log h) and memory a small
+ *     multiple of the header's size h (plus the layer's C values), whatever the header holds.
  *   - Save errors: NULL_POINTER (layer, path), INVALID_ARGUMENT (empty path; prefix not valid UTF-8, as
  *     JSON needs), BNORM_STATUS_IO. A failure before the rename removes the temporary file
  *     ("<path>.tmp-<pid>-<n>") and leaves path as it was; a failure to sync the directory after the rename
- *     is reported too, but path then already holds the complete new file. A crash can leave a stale
- *     temporary file beside path, never a partial path. The new file gets mode 0666 minus the umask. */
+ *     is reported too, but path then already holds the complete new file. A crash never leaves a partial
+ *     path; with O_TMPFILE it leaves no temporary file either (except in the instant between naming the
+ *     complete file and the rename), with the named fallback it can leave one. The new file gets mode
+ *     0666 minus the umask. */
 
 /* One BN layer found in a state file by bnorm_state_list. */
 typedef struct bnorm_state_entry {

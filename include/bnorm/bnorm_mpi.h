@@ -21,8 +21,14 @@
  *     error handler MPI_ERRORS_RETURN: an MPI failure becomes BNORM_STATUS_COMM from bnorm_forward /
  *     bnorm_backward with MPI's own text (MPI_Error_string) in bnorm_last_error(), never an abort
  *     inside the library (MPI_Comm_dup itself runs under comm's handler, MPI_ERRORS_ARE_FATAL by default).
+ *     Open MPI raises the errors of a nonblocking collective (MPI_Test, MPI_Wait) on MPI_COMM_WORLD's
+ *     handler instead, so while the library posts and waits on its requests it sets MPI_COMM_WORLD's
+ *     handler to MPI_ERRORS_RETURN and restores the application's right after (a thread calling MPI on
+ *     MPI_COMM_WORLD at that moment, under MPI_THREAD_MULTIPLE, would get its errors returned too).
  *   - The all-gather is MPI_Iallgather followed by a polling loop (MPI_Test, then short sleeps that grow
- *     to 1 ms) bounded by options.timeout_seconds. Ranks are ordered as in comm.
+ *     to 1 ms) bounded by options.timeout_seconds. Ranks are ordered as in comm. With a timeout, a
+ *     completed all-gather is confirmed by an MPI_Ibarrier under the same timeout before its data are
+ *     used, so that a rank arriving after the others gave up cannot complete the step alone (below).
  *   - Per forward/backward, with options.validate (the default): an all-gather of 8 doubles (the
  *     operation, C, dtype, layout and flags of every rank) and then the data all-gather. With
  *     validate = 0 ("one-collective mode"): the data all-gather only; see "What is detected".
@@ -32,11 +38,19 @@
  *   - a rank with a different C, dtype, layout, ReLU flag, running-statistics tracking, or
  *     a rank calling backward while another calls forward: BNORM_STATUS_COMM_MISMATCH naming both
  *     ranks and the field. In one-collective mode a different C changes the size of the data
- *     all-gather, which MPI cannot diagnose (an MPI error, a timeout or undefined behaviour); every
- *     other disagreement is still reported because the header travels inside the data.
+ *     all-gather: a rank whose receive is too small gets MPI_ERR_TRUNCATE as BNORM_STATUS_COMM, the
+ *     others time out on the confirmation (BNORM_STATUS_COMM; with timeout_seconds = 0 their wait is
+ *     not bounded), without naming the field; every other disagreement is still reported as a
+ *     mismatch because the header travels inside the data.
  *   - a rank that never makes the call (it returned early on an argument error, took another code
  *     path, crashed, or is stuck): the others wait timeout_seconds, then get BNORM_STATUS_COMM with
  *     "timed out". This is the only signal MPI offers for a missing participant.
+ *   - a rank that makes the call after the others timed out: it completes their pending all-gather
+ *     but not the confirmation, and gets BNORM_STATUS_COMM ("did not confirm it") after
+ *     timeout_seconds, with nothing written. Every rank of a step gets the same outcome, except when a
+ *     rank is held up for timeout_seconds inside the confirmation itself: it fails and the others
+ *     succeed on this step and fail on their next call. Either way each rank's communicator reports
+ *     the failure on its next call at the latest.
  *   - a global count of one value per channel (over all ranks): BNORM_STATUS_BATCH_TOO_SMALL on every rank.
  * What cannot be detected:
  *   - ranks that make the same calls on different layers (a layer order that differs between ranks
@@ -45,7 +59,8 @@
  *   - a rank that is merely slower than timeout_seconds: it is reported as missing. Choose the timeout
  *     well above the longest expected imbalance between ranks (checkpointing, data loading).
  *
- * After a timeout or an MPI error the communicator object is POISONED on that rank: the pending
+ * After a timeout (of the all-gather or of its confirmation) or an MPI error the communicator object is
+ * POISONED on that rank ("unusable" in the message): the pending
  * MPI_Iallgather cannot be cancelled (MPI has no cancel for collectives), so its buffers stay owned
  * by MPI and every later call through this bnorm_comm fails at once with BNORM_STATUS_COMM (no new
  * collective is posted, so a late rank meets at most the one pending collective and then times out
@@ -88,9 +103,11 @@ extern "C" {
 #endif
 
 typedef struct bnorm_mpi_options {
-    /* Bound on the wait for one all-gather, in seconds. > 0: after that long without completion the
-     * call fails with BNORM_STATUS_COMM ("timed out") and the communicator is poisoned (see above).
-     * 0: no bound (MPI_Wait: a rank that never calls makes the others hang, as plain MPI).
+    /* Bound on the wait for one all-gather, in seconds, and again for its confirmation barrier. > 0:
+     * after that long without completion the call fails with BNORM_STATUS_COMM ("timed out" or "did
+     * not confirm it") and the communicator is poisoned (see above).
+     * 0: no bound and no confirmation (MPI_Wait: a rank that never calls makes the others hang, as
+     * plain MPI).
      * Default 600 (NCCL's default in PyTorch is of the same order). */
     double timeout_seconds;
     /* Nonzero (default 1) sets bnorm_comm.validate: an extra 8-double all-gather before each data

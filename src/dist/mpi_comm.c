@@ -7,6 +7,16 @@
  * cancel a collective), and MPI may write into its receive buffer whenever the late rank shows up, long
  * after the driver's buffers are gone. Such a communicator is poisoned: no further collective is
  * posted, and its buffers are never reused or freed.
+ *
+ * A rank that arrives after the others timed out would complete their pending all-gather alone. So,
+ * with a timeout, a completed all-gather is confirmed by an MPI_Ibarrier under the same timeout before
+ * its data is handed over: a rank that gave up never posts that barrier, and the straggler times out on
+ * it instead of reporting success.
+ *
+ * Errors: the duplicate has MPI_ERRORS_RETURN, but Open MPI raises the errors of nonblocking
+ * collective requests (MPI_Test, MPI_Wait) on MPI_COMM_WORLD's handler, fatal by default. Every MPI
+ * call on a request is therefore made with MPI_COMM_WORLD's handler set to MPI_ERRORS_RETURN and the
+ * application's handler put back right after.
  */
 #define _POSIX_C_SOURCE 200809L
 #define BNORM_MPI_BUILDING
@@ -70,6 +80,28 @@ static int bn_mpi_grow(double **p, size_t *cap, size_t need) {
     return 0;
 }
 
+/* MPI_COMM_WORLD's error handler, switched to MPI_ERRORS_RETURN while the library waits on its requests
+ * (see the top of the file) and restored by bn_mpi_eh_leave. */
+typedef struct bn_mpi_eh {
+    MPI_Errhandler saved;
+    int swapped;
+} bn_mpi_eh;
+
+static void bn_mpi_eh_enter(bn_mpi_eh *e) {
+    e->swapped = MPI_Comm_get_errhandler(MPI_COMM_WORLD, &e->saved) == MPI_SUCCESS;
+    if (e->swapped && MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN) != MPI_SUCCESS) {
+        MPI_Errhandler_free(&e->saved);
+        e->swapped = 0;
+    }
+}
+
+static void bn_mpi_eh_leave(bn_mpi_eh *e) {
+    if (!e->swapped) return;
+    MPI_Comm_set_errhandler(MPI_COMM_WORLD, e->saved);
+    MPI_Errhandler_free(&e->saved);
+    e->swapped = 0;
+}
+
 /* Waits for req: spin on MPI_Test briefly (balanced ranks finish in microseconds), then sleep in
  * growing steps up to 1 ms so that waiting ranks leave the cores to the ones still computing. */
 static int bn_mpi_wait(bn_mpi *m, MPI_Request *req, int *timed_out) {
@@ -92,6 +124,59 @@ static int bn_mpi_wait(bn_mpi *m, MPI_Request *req, int *timed_out) {
             if (sleep_ns < 1000000) sleep_ns *= 2;
         }
     }
+}
+
+/* The all-gather proper, with MPI_COMM_WORLD's handler already switched (bn_mpi_allgather). */
+static int bn_mpi_allgather_step(bn_mpi *m, int64_t count, char *msg, size_t msg_cap) {
+    const int size = m->pub.size;
+    char text[512];
+    MPI_Request req = MPI_REQUEST_NULL;
+    int rc = MPI_Iallgather(m->sbuf, (int)count, MPI_DOUBLE, m->rbuf, (int)count, MPI_DOUBLE, m->comm, &req);
+    if (rc != MPI_SUCCESS) {
+        bn_mpi_error_text(text, sizeof text, "MPI_Iallgather", rc);
+        goto poison;
+    }
+    int timed_out = 0;
+    rc = bn_mpi_wait(m, &req, &timed_out);
+    if (rc != MPI_SUCCESS) {
+        bn_mpi_error_text(text, sizeof text, m->timeout > 0 ? "MPI_Test" : "MPI_Wait", rc);
+        goto poison;
+    }
+    if (timed_out) {
+        snprintf(text, sizeof text,
+                 "rank %d of %d timed out after %g s in the all-gather of %lld doubles: at least one rank of the "
+                 "group did not make the same call (every rank must call forward/backward in the same order, "
+                 "also with an empty batch); the communicator is now unusable",
+                 m->pub.rank, size, m->timeout, (long long)count);
+        goto poison;
+    }
+    if (m->timeout <= 0) return 0; /* nobody gives up, so nobody can be left behind */
+    /* Confirmation: every rank that completed the all-gather in time posts a barrier. A rank that
+     * timed out posts nothing more, so a straggler that completed the others' pending all-gather
+     * alone times out here, and the step fails on every rank. */
+    rc = MPI_Ibarrier(m->comm, &req);
+    if (rc != MPI_SUCCESS) {
+        bn_mpi_error_text(text, sizeof text, "MPI_Ibarrier", rc);
+        goto poison;
+    }
+    rc = bn_mpi_wait(m, &req, &timed_out);
+    if (rc != MPI_SUCCESS) {
+        bn_mpi_error_text(text, sizeof text, "MPI_Test (confirmation barrier)", rc);
+        goto poison;
+    }
+    if (timed_out) {
+        snprintf(text, sizeof text,
+                 "rank %d of %d: the all-gather of %lld doubles completed here but the group did not confirm it "
+                 "within %g s: another rank failed or gave up on this step (an MPI error, a timeout, or it "
+                 "arrived after the others had timed out); this step failed and the communicator is now unusable",
+                 m->pub.rank, size, (long long)count, m->timeout);
+        goto poison;
+    }
+    return 0;
+poison:
+    if (msg && msg_cap) snprintf(msg, msg_cap, "%s", text);
+    bn_mpi_poison(m, req, text);
+    return 1;
 }
 
 static int bn_mpi_allgather(void *ctx, const double *send, int64_t count, double *recv, char *msg,
@@ -120,35 +205,11 @@ static int bn_mpi_allgather(void *ctx, const double *send, int64_t count, double
         return 1;
     }
     if (n) memcpy(m->sbuf, send, n * sizeof(double));
-    MPI_Request req = MPI_REQUEST_NULL;
-    int rc = MPI_Iallgather(m->sbuf, (int)count, MPI_DOUBLE, m->rbuf, (int)count, MPI_DOUBLE, m->comm, &req);
-    if (rc != MPI_SUCCESS) {
-        char text[512];
-        bn_mpi_error_text(text, sizeof text, "MPI_Iallgather", rc);
-        if (msg && msg_cap) snprintf(msg, msg_cap, "%s", text);
-        bn_mpi_poison(m, req, text);
-        return 1;
-    }
-    int timed_out = 0;
-    rc = bn_mpi_wait(m, &req, &timed_out);
-    if (rc != MPI_SUCCESS) {
-        char text[512];
-        bn_mpi_error_text(text, sizeof text, m->timeout > 0 ? "MPI_Test" : "MPI_Wait", rc);
-        if (msg && msg_cap) snprintf(msg, msg_cap, "%s", text);
-        bn_mpi_poison(m, req, text);
-        return 1;
-    }
-    if (timed_out) {
-        char text[512];
-        snprintf(text, sizeof text,
-                 "rank %d of %d timed out after %g s in the all-gather of %lld doubles: at least one rank of the "
-                 "group did not make the same call (every rank must call forward/backward in the same order, "
-                 "also with an empty batch); the communicator is now unusable",
-                 m->pub.rank, size, m->timeout, (long long)count);
-        if (msg && msg_cap) snprintf(msg, msg_cap, "%s", text);
-        bn_mpi_poison(m, req, "a timed-out all-gather is still pending");
-        return 1;
-    }
+    bn_mpi_eh eh;
+    bn_mpi_eh_enter(&eh);
+    int bad = bn_mpi_allgather_step(m, count, msg, msg_cap);
+    bn_mpi_eh_leave(&eh);
+    if (bad) return 1;
     if (n) memcpy(recv, m->rbuf, n * (size_t)size * sizeof(double));
     return 0;
 }
@@ -227,7 +288,10 @@ void bnorm_mpi_comm_destroy(bnorm_comm *c) {
         if (m->pending != MPI_REQUEST_NULL) {
             /* the late rank may have arrived since: then the collective is over and its buffers free */
             int done = 0;
+            bn_mpi_eh eh;
+            bn_mpi_eh_enter(&eh);
             if (MPI_Test(&m->pending, &done, MPI_STATUS_IGNORE) != MPI_SUCCESS || !done) leak = 1;
+            bn_mpi_eh_leave(&eh);
         }
         MPI_Comm_free(&m->comm);
     }

@@ -1,4 +1,4 @@
-/* no_state_io.c - stands in for safetensors.c when the library is built without cJSON. */
+/* no_state_io.c - stands in for safetensors.c when the library is built without state I/O (BNORM_STATE_IO=OFF). */
 #include "../core/internal.h"
 
 bnorm_status bnorm_layer_save(const bnorm_layer *layer, const char *path, const char *prefix) {

@@ -1,18 +1,19 @@
 /*
  * safetensors.c - a layer's state as a safetensors file under PyTorch state_dict names.
  *
- * Reading treats the file as hostile: the header is bounded, checked as UTF-8, parsed by cJSON, and
+ * Reading treats the file as hostile: the header is bounded, checked as UTF-8, parsed here in two passes
+ * (syntax and limits first, then one fixed-size record per tensor; see "The header's JSON"), and
  * every entry of the whole file (not only the tensors we want) is validated against the data area
  * before anything is copied; the layer is written only after all of its tensors have been read and
  * converted into scratch arrays. Writing builds the whole file in memory, then goes through a temporary
- * file in the destination's directory (write, flush, fsync, close, rename, fsync of the directory) so
- * the destination is replaced whole or not at all. See docs/state.md for the format and its rules.
+ * file in the destination's directory (anonymous where the system allows: write, fsync, link, close,
+ * rename, fsync of the directory) so the destination is replaced whole or not at all. See docs/state.md for the format and its rules.
  */
+#define _GNU_SOURCE /* O_TMPFILE */
 #define _POSIX_C_SOURCE 200809L
 
 #include "../layer/layer_internal.h"
 
-#include <cjson/cJSON.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <locale.h>
@@ -25,7 +26,12 @@
 #include <unistd.h>
 
 #define ST_MAX_HEADER 100000000ull       /* the safetensors reference implementation's limit */
-#define ST_MAX_EXACT 9007199254740992.0  /* 2^53: JSON numbers above it are not exact doubles */
+#define ST_MAX_EXACT 9007199254740992ull /* 2^53: JSON numbers above it are not exact doubles */
+#define ST_MAX_ENTRIES 1000000           /* tensors in a header, and __metadata__ entries */
+#define ST_MAX_RANK 64                   /* dimensions of a shape (numpy's limit; PyTorch's is lower) */
+#define ST_MAX_DEPTH 16                  /* nesting of JSON values (a valid header needs 3) */
+#define ST_STR_(x) #x
+#define ST_STR(x) ST_STR_(x)
 #define ST_NAME_FMT "%.200s"             /* names in messages are cut, they may be hostile */
 
 /* ---------------------------------------------------------------------------------------------
@@ -66,13 +72,18 @@ static const struct {
  * A parsed, validated file
  * ------------------------------------------------------------------------------------------- */
 typedef struct st_entry {
-    const char *name;
-    int dtype; /* index into st_dtypes */
-    const cJSON *shape;
+    const char *name; /* decoded in place inside the header copy */
+    int dtype;        /* index into st_dtypes */
     int rank;
+    int64_t channels; /* C of a shape (C) or (1, C, 1, ...), else 0 */
     uint64_t numel, begin, end; /* offsets relative to the data area */
     size_t order;               /* position in the header */
 } st_entry;
+
+/* One __metadata__ pair; key and value point into the header copy, so key order is file order. */
+typedef struct st_meta {
+    const char *key, *value;
+} st_meta;
 
 typedef struct st_file {
     const char *F;     /* the public function, for messages */
@@ -81,18 +92,22 @@ typedef struct st_file {
     const unsigned char *mem; /* ... or bytes in memory (fuzzing) */
     uint64_t size;
     uint64_t data_off, data_size;
-    cJSON *root;
-    const cJSON *meta;
-    st_entry *ent; /* sorted by name */
-    size_t n;
+    char *hdr;         /* the header, its strings decoded in place; names point into it */
+    int has_meta;
+    st_meta *meta;     /* sorted by key */
+    size_t nmeta;
+    st_entry *ent;     /* sorted by name */
+    size_t n, cap;
 } st_file;
 
 static void st_close(st_file *f) {
     if (f->fp) fclose(f->fp);
-    cJSON_Delete(f->root);
+    free(f->hdr);
+    free(f->meta);
     free(f->ent);
     f->fp = NULL;
-    f->root = NULL;
+    f->hdr = NULL;
+    f->meta = NULL;
     f->ent = NULL;
 }
 
@@ -131,7 +146,7 @@ static size_t st_utf8_seq(const unsigned char *s, size_t n) {
 }
 
 /* The header must be UTF-8 without NUL or raw control characters, and no string may hold the
- * escape \u0000: cJSON would cut a name there, so two readers could see different names. */
+ * escape \u0000: a C string would end there, so two readers could see different names. */
 static const char *st_check_text(const unsigned char *s, size_t n, size_t *where) {
     int in_string = 0;
     for (size_t i = 0; i < n;) {
@@ -158,28 +173,6 @@ static const char *st_check_text(const unsigned char *s, size_t n, size_t *where
     return NULL;
 }
 
-/* A JSON number that is an exact integer in [0, 2^53]. */
-static int st_uint(const cJSON *v, uint64_t *out) {
-    if (!cJSON_IsNumber(v)) return 0;
-    double d = v->valuedouble;
-    if (!(d >= 0 && d <= ST_MAX_EXACT) || d != floor(d)) return 0;
-    *out = (uint64_t)d;
-    return 1;
-}
-
-/* The one member named key; 0 if absent, -1 if it appears twice. */
-static int st_member(const cJSON *obj, const char *key, const cJSON **out) {
-    int found = 0;
-    *out = NULL;
-    for (const cJSON *c = obj->child; c; c = c->next)
-        if (c->string && strcmp(c->string, key) == 0) {
-            if (found) return -1;
-            found = 1;
-            *out = c;
-        }
-    return found;
-}
-
 static int st_cmp_name(const void *a, const void *b) {
     return strcmp(((const st_entry *)a)->name, ((const st_entry *)b)->name);
 }
@@ -189,79 +182,345 @@ static int st_cmp_offset(const void *a, const void *b) {
     if (x->end != y->end) return x->end < y->end ? -1 : 1;
     return x->order < y->order ? -1 : (x->order > y->order);
 }
-static int st_cmp_str(const void *a, const void *b) { return strcmp(*(const char *const *)a, *(const char *const *)b); }
+static int st_cmp_meta(const void *a, const void *b) {
+    return strcmp(((const st_meta *)a)->key, ((const st_meta *)b)->key);
+}
 
 static bnorm_status st_fmt(st_file *f, const char *fmt_rule, const char *name) {
     if (name) return bn_fail(BNORM_STATUS_FORMAT, f->F, "%s: tensor \"" ST_NAME_FMT "\": %s", f->label, name, fmt_rule);
     return bn_fail(BNORM_STATUS_FORMAT, f->F, "%s: %s", f->label, fmt_rule);
 }
 
-static bnorm_status st_check_metadata(st_file *f, const cJSON *m) {
-    if (!cJSON_IsObject(m)) return st_fmt(f, "__metadata__ is not an object of strings", NULL);
-    size_t k = 0;
-    for (const cJSON *c = m->child; c; c = c->next) {
-        if (!cJSON_IsString(c) || !c->string)
-            return bn_fail(BNORM_STATUS_FORMAT, f->F, "%s: __metadata__ entry \"" ST_NAME_FMT "\" is not a string",
-                           f->label, c->string ? c->string : "");
-        k++;
-    }
-    if (k < 2) return BNORM_STATUS_OK;
-    const char **keys = (const char **)malloc(k * sizeof *keys);
-    if (!keys) return bn_fail(BNORM_STATUS_OUT_OF_MEMORY, f->F, "%s: cannot allocate %zu metadata keys", f->label, k);
-    k = 0;
-    for (const cJSON *c = m->child; c; c = c->next) keys[k++] = c->string;
-    qsort(keys, k, sizeof *keys, st_cmp_str);
-    for (size_t i = 1; i < k; i++)
-        if (strcmp(keys[i - 1], keys[i]) == 0) {
-            bnorm_status st = bn_fail(BNORM_STATUS_FORMAT, f->F, "%s: __metadata__ key \"" ST_NAME_FMT "\" appears twice",
-                                      f->label, keys[i]);
-            free(keys);
-            return st;
+/* ---------------------------------------------------------------------------------------------
+ * The header's JSON, in two passes over the header text and nothing else.
+ * Pass 1 checks the syntax of the whole text and counts (top-level members, __metadata__ members,
+ * nesting), with no allocation, so that an absurd header is refused before anything is built.
+ * Pass 2 walks the (now known valid) text again, decodes strings in place and keeps per tensor one
+ * fixed-size record: the memory of a load or a listing is the header's bytes plus a small multiple
+ * of them, never a node per JSON token.
+ * ------------------------------------------------------------------------------------------- */
+typedef struct st_scan {
+    const char *s;
+    size_t n, i;
+    size_t members, meta_members; /* tensors (top-level members); members of __metadata__ objects */
+    const char *why;              /* a limit that was exceeded (NULL: a syntax error) */
+} st_scan;
+
+static void st_ws(const char *s, size_t n, size_t *i) {
+    while (*i < n && (s[*i] == ' ' || s[*i] == '\t' || s[*i] == '\n' || s[*i] == '\r')) ++*i;
+}
+
+static int st_hex(int c) {
+    return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+}
+
+/* A JSON string at s[*i] == '"'; on success *i is past the closing quote. */
+static int st_scan_string(st_scan *p) {
+    const char *s = p->s;
+    size_t i = p->i + 1;
+    for (;;) {
+        if (i >= p->n) return 0;
+        unsigned char c = (unsigned char)s[i];
+        if (c == '"') break;
+        if (c < 0x20) return 0;
+        if (c == '\\') {
+            if (i + 1 >= p->n) return 0;
+            char e = s[i + 1];
+            if (e == 'u') {
+                if (i + 5 >= p->n) return 0;
+                for (int k = 2; k < 6; k++)
+                    if (st_hex(s[i + k]) < 0) return 0;
+                i += 6;
+                continue;
+            }
+            if (!strchr("\"\\/bfnrt", e) || !e) return 0;
+            i += 2;
+            continue;
         }
-    free(keys);
+        i++;
+    }
+    p->i = i + 1;
+    return 1;
+}
+
+static int st_scan_number(st_scan *p) {
+    const char *s = p->s;
+    size_t i = p->i, n = p->n;
+    if (i < n && s[i] == '-') i++;
+    if (i >= n || s[i] < '0' || s[i] > '9') return 0;
+    if (s[i] == '0') i++;
+    else while (i < n && s[i] >= '0' && s[i] <= '9') i++;
+    if (i < n && s[i] == '.') {
+        i++;
+        if (i >= n || s[i] < '0' || s[i] > '9') return 0;
+        while (i < n && s[i] >= '0' && s[i] <= '9') i++;
+    }
+    if (i < n && (s[i] == 'e' || s[i] == 'E')) {
+        i++;
+        if (i < n && (s[i] == '+' || s[i] == '-')) i++;
+        if (i >= n || s[i] < '0' || s[i] > '9') return 0;
+        while (i < n && s[i] >= '0' && s[i] <= '9') i++;
+    }
+    p->i = i;
+    return 1;
+}
+
+/* One JSON value at p->i. depth: 1 for the root. kind: 0 anywhere, 1 the root, 2 __metadata__. */
+static int st_scan_value(st_scan *p, int depth, int kind) {
+    const char *s = p->s;
+    if (depth > ST_MAX_DEPTH) {
+        p->why = "values nested deeper than " ST_STR(ST_MAX_DEPTH) " levels";
+        return 0;
+    }
+    st_ws(s, p->n, &p->i);
+    if (p->i >= p->n) return 0;
+    char c = s[p->i];
+    if (c == '{' || c == '[') {
+        const char close = c == '{' ? '}' : ']';
+        p->i++;
+        st_ws(s, p->n, &p->i);
+        if (p->i < p->n && s[p->i] == close) {
+            p->i++;
+            return 1;
+        }
+        for (;;) {
+            int sub = 0;
+            if (c == '{') {
+                st_ws(s, p->n, &p->i);
+                if (p->i >= p->n || s[p->i] != '"') return 0;
+                size_t k0 = p->i;
+                if (!st_scan_string(p)) return 0;
+                if (kind == 1) {
+                    if (p->i - k0 == 14 && memcmp(s + k0, "\"__metadata__\"", 14) == 0) sub = 2;
+                    else if (++p->members > ST_MAX_ENTRIES) {
+                        p->why = "more than " ST_STR(ST_MAX_ENTRIES) " tensors";
+                        return 0;
+                    }
+                } else if (kind == 2 && ++p->meta_members > ST_MAX_ENTRIES) {
+                    p->why = "more than " ST_STR(ST_MAX_ENTRIES) " __metadata__ entries";
+                    return 0;
+                }
+                st_ws(s, p->n, &p->i);
+                if (p->i >= p->n || s[p->i] != ':') return 0;
+                p->i++;
+            }
+            if (!st_scan_value(p, depth + 1, sub)) return 0;
+            st_ws(s, p->n, &p->i);
+            if (p->i >= p->n) return 0;
+            if (s[p->i] == close) {
+                p->i++;
+                return 1;
+            }
+            if (s[p->i] != ',') return 0;
+            p->i++;
+        }
+    }
+    if (c == '"') return st_scan_string(p);
+    if (c == '-' || (c >= '0' && c <= '9')) return st_scan_number(p);
+    static const char *const lit[3] = {"true", "false", "null"};
+    for (int k = 0; k < 3; k++) {
+        size_t l = strlen(lit[k]);
+        if (p->n - p->i >= l && memcmp(s + p->i, lit[k], l) == 0) {
+            p->i += l;
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* Pass 2: the walker over text that pass 1 accepted. */
+typedef struct st_walk {
+    st_file *f;
+    char *s;
+    size_t n, i;
+} st_walk;
+
+static char st_peek(st_walk *w) {
+    st_ws(w->s, w->n, &w->i);
+    return w->i < w->n ? w->s[w->i] : '\0';
+}
+
+/* Consumes c (after white space) if it is next. */
+static int st_eat(st_walk *w, char c) {
+    if (st_peek(w) != c) return 0;
+    w->i++;
+    return 1;
+}
+
+static void st_put_utf8(char **o, uint32_t cp) {
+    unsigned char *q = (unsigned char *)*o;
+    if (cp < 0x80) *q++ = (unsigned char)cp;
+    else if (cp < 0x800) { *q++ = (unsigned char)(0xc0 | cp >> 6); *q++ = (unsigned char)(0x80 | (cp & 0x3f)); }
+    else if (cp < 0x10000) {
+        *q++ = (unsigned char)(0xe0 | cp >> 12);
+        *q++ = (unsigned char)(0x80 | ((cp >> 6) & 0x3f));
+        *q++ = (unsigned char)(0x80 | (cp & 0x3f));
+    } else {
+        *q++ = (unsigned char)(0xf0 | cp >> 18);
+        *q++ = (unsigned char)(0x80 | ((cp >> 12) & 0x3f));
+        *q++ = (unsigned char)(0x80 | ((cp >> 6) & 0x3f));
+        *q++ = (unsigned char)(0x80 | (cp & 0x3f));
+    }
+    *o = (char *)q;
+}
+
+static uint32_t st_u4(const char *s) {
+    return (uint32_t)(st_hex(s[0]) << 12 | st_hex(s[1]) << 8 | st_hex(s[2]) << 4 | st_hex(s[3]));
+}
+
+/* Decodes the string at w->i (a '"') in place and NUL-terminates it (the decoded text is never
+ * longer than the escaped one, so the NUL lands at or before the closing quote). */
+static bnorm_status st_string(st_walk *w, const char **out) {
+    st_peek(w);
+    size_t at = w->i;
+    char *s = w->s, *o = s + w->i + 1;
+    size_t i = w->i + 1;
+    *out = o;
+    while (s[i] != '"') {
+        if (s[i] != '\\') {
+            *o++ = s[i++];
+            continue;
+        }
+        char e = s[i + 1];
+        i += 2;
+        if (e != 'u') {
+            *o++ = e == 'b' ? '\b' : e == 'f' ? '\f' : e == 'n' ? '\n' : e == 'r' ? '\r' : e == 't' ? '\t' : e;
+            continue;
+        }
+        uint32_t cp = st_u4(s + i);
+        i += 4;
+        if (cp >= 0xd800 && cp <= 0xdbff && s[i] == '\\' && s[i + 1] == 'u') {
+            uint32_t lo = st_u4(s + i + 2);
+            if (lo >= 0xdc00 && lo <= 0xdfff) {
+                cp = 0x10000 + ((cp - 0xd800) << 10) + (lo - 0xdc00);
+                i += 6;
+            }
+        }
+        if (cp >= 0xd800 && cp <= 0xdfff)
+            return bn_fail(BNORM_STATUS_FORMAT, w->f->F, "%s: header byte %zu: a \\u escape of a lone UTF-16 surrogate",
+                           w->f->label, at);
+        st_put_utf8(&o, cp);
+    }
+    *o = '\0';
+    w->i = i + 1;
     return BNORM_STATUS_OK;
 }
 
-/* Validates one tensor entry of the header. */
-static bnorm_status st_check_entry(st_file *f, const cJSON *c, st_entry *e) {
-    const char *name = c->string;
-    e->name = name;
-    if (!cJSON_IsObject(c)) return st_fmt(f, "the entry is not an object", name);
-    const cJSON *dt, *shape, *offs;
-    int r;
-    if ((r = st_member(c, "dtype", &dt)) != 1)
-        return st_fmt(f, r ? "\"dtype\" appears twice" : "no \"dtype\"", name);
-    if ((r = st_member(c, "shape", &shape)) != 1)
-        return st_fmt(f, r ? "\"shape\" appears twice" : "no \"shape\"", name);
-    if ((r = st_member(c, "data_offsets", &offs)) != 1)
-        return st_fmt(f, r ? "\"data_offsets\" appears twice" : "no \"data_offsets\"", name);
-    if (!cJSON_IsString(dt)) return st_fmt(f, "\"dtype\" is not a string", name);
-    e->dtype = -1;
-    for (size_t i = 0; i < ST_NDTYPES; i++)
-        if (strcmp(dt->valuestring, st_dtypes[i].name) == 0) e->dtype = (int)i;
-    if (e->dtype < 0)
-        return bn_fail(BNORM_STATUS_FORMAT, f->F, "%s: tensor \"" ST_NAME_FMT "\": unknown dtype \"%.40s\"", f->label,
-                       name, dt->valuestring);
-    if (!cJSON_IsArray(shape)) return st_fmt(f, "\"shape\" is not an array", name);
-    int zero = 0, rank = 0;
-    for (const cJSON *d = shape->child; d; d = d->next, rank++) {
-        uint64_t v;
-        if (!st_uint(d, &v)) return st_fmt(f, "a \"shape\" entry is not an integer in [0, 2^53]", name);
-        zero |= v == 0;
+/* Skips any value (its syntax is known to be valid). */
+static void st_skip(st_walk *w) {
+    const char *s = w->s;
+    char c = st_peek(w);
+    if (c != '{' && c != '[' && c != '"') {
+        while (w->i < w->n && !strchr(",]} \t\r\n", s[w->i])) w->i++;
+        return;
     }
-    uint64_t numel = zero ? 0 : 1;
-    if (!zero)
-        for (const cJSON *d = shape->child; d; d = d->next) {
-            uint64_t v = (uint64_t)d->valuedouble;
-            if (numel > UINT64_MAX / v) return st_fmt(f, "the element count of \"shape\" overflows 64 bits", name);
-            numel *= v;
+    int depth = 0;
+    do {
+        c = s[w->i];
+        if (c == '"') {
+            for (w->i++; s[w->i] != '"'; w->i++)
+                if (s[w->i] == '\\') w->i++;
+        } else if (c == '{' || c == '[') depth++;
+        else if (c == '}' || c == ']') depth--;
+        w->i++;
+    } while (depth > 0);
+}
+
+/* A number that is a plain non-negative integer <= 2^53 (no sign, fraction or exponent, as every
+ * writer emits shapes and offsets, and as the reference reader requires). Consumed either way. */
+static int st_uint(st_walk *w, uint64_t *out) {
+    const char *s = w->s;
+    char c = st_peek(w);
+    if (c != '-' && (c < '0' || c > '9')) {
+        st_skip(w);
+        return 0;
+    }
+    uint64_t v = 0;
+    int ok = 1;
+    for (; w->i < w->n && s[w->i] >= '0' && s[w->i] <= '9'; w->i++) {
+        v = v * 10 + (uint64_t)(s[w->i] - '0');
+        if (v > ST_MAX_EXACT) ok = 0;
+        if (!ok) v = ST_MAX_EXACT + 1; /* keeps v from wrapping */
+    }
+    if (w->i < w->n && strchr("-.eE", s[w->i])) {
+        ok = 0;
+        st_skip(w);
+    }
+    *out = v;
+    return ok;
+}
+
+/* One tensor entry: {"dtype": ..., "shape": [...], "data_offsets": [b, e]} in any order; other
+ * members are skipped. Nothing of the shape is kept but its rank, element count and channel count. */
+static bnorm_status st_walk_entry(st_walk *w, st_entry *e) {
+    st_file *f = w->f;
+    const char *name = e->name;
+    if (st_peek(w) != '{') return st_fmt(f, "the entry is not an object", name);
+    w->i++;
+    int seen_dt = 0, seen_shape = 0, seen_offs = 0;
+    bnorm_status st;
+    while (!st_eat(w, '}')) {
+        st_eat(w, ',');
+        const char *key;
+        if ((st = st_string(w, &key))) return st;
+        st_eat(w, ':');
+        if (strcmp(key, "dtype") == 0) {
+            if (seen_dt++) return st_fmt(f, "\"dtype\" appears twice", name);
+            if (st_peek(w) != '"') return st_fmt(f, "\"dtype\" is not a string", name);
+            const char *dt;
+            if ((st = st_string(w, &dt))) return st;
+            e->dtype = -1;
+            for (size_t i = 0; i < ST_NDTYPES; i++)
+                if (strcmp(dt, st_dtypes[i].name) == 0) e->dtype = (int)i;
+            if (e->dtype < 0)
+                return bn_fail(BNORM_STATUS_FORMAT, f->F, "%s: tensor \"" ST_NAME_FMT "\": unknown dtype \"%.40s\"",
+                               f->label, name, dt);
+        } else if (strcmp(key, "shape") == 0) {
+            if (seen_shape++) return st_fmt(f, "\"shape\" appears twice", name);
+            if (!st_eat(w, '[')) return st_fmt(f, "\"shape\" is not an array", name);
+            int rank = 0, zero = 0, wide = 0, ones = 1;
+            uint64_t prod = 1, d0 = 0, d1 = 0;
+            while (!st_eat(w, ']')) {
+                st_eat(w, ',');
+                uint64_t v;
+                if (!st_uint(w, &v)) return st_fmt(f, "a \"shape\" entry is not an integer in [0, 2^53]", name);
+                if (++rank > ST_MAX_RANK)
+                    return st_fmt(f, "\"shape\" has more than " ST_STR(ST_MAX_RANK) " dimensions", name);
+                if (rank == 1) d0 = v;
+                else if (rank == 2) d1 = v;
+                if (rank != 2 && v != 1) ones = 0;
+                if (v == 0) zero = 1;
+                else if (prod > UINT64_MAX / v) wide = 1;
+                else prod *= v;
+            }
+            if (!zero && wide) return st_fmt(f, "the element count of \"shape\" overflows 64 bits", name);
+            e->rank = rank;
+            e->numel = zero ? 0 : prod;
+            e->channels = rank == 1 ? (int64_t)d0 : rank >= 2 && d0 == 1 && ones ? (int64_t)d1 : 0;
+        } else if (strcmp(key, "data_offsets") == 0) {
+            if (seen_offs++) return st_fmt(f, "\"data_offsets\" appears twice", name);
+            int k = 0, ok = st_eat(w, '[');
+            if (!ok) st_skip(w);
+            while (ok && !st_eat(w, ']')) {
+                st_eat(w, ',');
+                uint64_t v;
+                if (!st_uint(w, &v) || k >= 2) ok = 0;
+                else *(k++ ? &e->end : &e->begin) = v;
+            }
+            if (!ok || k != 2) return st_fmt(f, "\"data_offsets\" is not an array of two integers in [0, 2^53]", name);
+        } else {
+            st_skip(w);
         }
-    e->shape = shape;
-    e->rank = rank;
-    e->numel = numel;
-    if (!cJSON_IsArray(offs) || cJSON_GetArraySize(offs) != 2 || !st_uint(offs->child, &e->begin) ||
-        !st_uint(offs->child->next, &e->end))
-        return st_fmt(f, "\"data_offsets\" is not an array of two integers in [0, 2^53]", name);
+    }
+    if (!seen_dt) return st_fmt(f, "no \"dtype\"", name);
+    if (!seen_shape) return st_fmt(f, "no \"shape\"", name);
+    if (!seen_offs) return st_fmt(f, "no \"data_offsets\"", name);
+    return BNORM_STATUS_OK;
+}
+
+/* The entry's offsets against the data area and its shape. */
+static bnorm_status st_check_offsets(st_file *f, const st_entry *e) {
+    const char *name = e->name;
     if (e->begin > e->end)
         return bn_fail(BNORM_STATUS_FORMAT, f->F, "%s: tensor \"" ST_NAME_FMT "\": data_offsets [%llu, %llu]: begin > end",
                        f->label, name, (unsigned long long)e->begin, (unsigned long long)e->end);
@@ -271,13 +530,55 @@ static bnorm_status st_check_entry(st_file *f, const cJSON *c, st_entry *e) {
                        f->label, name, (unsigned long long)e->begin, (unsigned long long)e->end,
                        (unsigned long long)f->data_size);
     uint64_t es = st_dtypes[e->dtype].size;
-    if (numel > UINT64_MAX / es || numel * es != e->end - e->begin)
+    if (e->numel > UINT64_MAX / es || e->numel * es != e->end - e->begin)
         return bn_fail(BNORM_STATUS_FORMAT, f->F,
                        "%s: tensor \"" ST_NAME_FMT "\": data_offsets [%llu, %llu] span %llu bytes but shape x %s size "
                        "needs %llu elements x %u bytes",
                        f->label, name, (unsigned long long)e->begin, (unsigned long long)e->end,
-                       (unsigned long long)(e->end - e->begin), st_dtypes[e->dtype].name, (unsigned long long)numel,
+                       (unsigned long long)(e->end - e->begin), st_dtypes[e->dtype].name, (unsigned long long)e->numel,
                        (unsigned)es);
+    return BNORM_STATUS_OK;
+}
+
+/* __metadata__: an object of strings, kept as (key, value) pairs. cap: the count of pass 1 (which
+ * misses a key "__metadata__" written with escapes: then the array grows). */
+static bnorm_status st_walk_metadata(st_walk *w, size_t cap) {
+    st_file *f = w->f;
+    if (st_peek(w) != '{') return st_fmt(f, "__metadata__ is not an object of strings", NULL);
+    w->i++;
+    cap = cap ? cap : 1;
+    f->meta = (st_meta *)malloc(cap * sizeof *f->meta);
+    if (!f->meta)
+        return bn_fail(BNORM_STATUS_OUT_OF_MEMORY, f->F, "%s: cannot allocate %zu metadata entries", f->label, cap);
+    bnorm_status st;
+    while (!st_eat(w, '}')) {
+        st_eat(w, ',');
+        const char *key, *val;
+        if ((st = st_string(w, &key))) return st;
+        st_eat(w, ':');
+        if (st_peek(w) != '"')
+            return bn_fail(BNORM_STATUS_FORMAT, f->F, "%s: __metadata__ entry \"" ST_NAME_FMT "\" is not a string",
+                           f->label, key);
+        if ((st = st_string(w, &val))) return st;
+        if (f->nmeta == cap) {
+            if (cap >= ST_MAX_ENTRIES)
+                return st_fmt(f, "the header has more than " ST_STR(ST_MAX_ENTRIES) " __metadata__ entries", NULL);
+            st_meta *q = (st_meta *)realloc(f->meta, 2 * cap * sizeof *q);
+            if (!q)
+                return bn_fail(BNORM_STATUS_OUT_OF_MEMORY, f->F, "%s: cannot allocate %zu metadata entries", f->label,
+                               2 * cap);
+            f->meta = q;
+            cap *= 2;
+        }
+        f->meta[f->nmeta].key = key;
+        f->meta[f->nmeta].value = val;
+        f->nmeta++;
+    }
+    qsort(f->meta, f->nmeta, sizeof *f->meta, st_cmp_meta);
+    for (size_t i = 1; i < f->nmeta; i++)
+        if (strcmp(f->meta[i - 1].key, f->meta[i].key) == 0)
+            return bn_fail(BNORM_STATUS_FORMAT, f->F, "%s: __metadata__ key \"" ST_NAME_FMT "\" appears twice", f->label,
+                           f->meta[i].key);
     return BNORM_STATUS_OK;
 }
 
@@ -287,12 +588,20 @@ static bnorm_status st_open(st_file *f, const char *F, const char *path, const u
     f->F = F;
     f->label = path ? path : "<memory>";
     if (path) {
-        f->fp = fopen(path, "rb");
-        if (!f->fp) return bn_fail(BNORM_STATUS_IO, F, "%s: cannot open: %s", path, strerror(errno));
+        /* O_NONBLOCK: opening a FIFO (or a device) must not wait for a writer; only regular files are
+         * read, and their reads never block, so the flag is cleared again after the check */
+        int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+        if (fd < 0) return bn_fail(BNORM_STATUS_IO, F, "%s: cannot open: %s", path, strerror(errno));
         struct stat sb;
-        if (fstat(fileno(f->fp), &sb) != 0 || !S_ISREG(sb.st_mode)) {
-            st_close(f);
+        if (fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode)) {
+            close(fd);
             return bn_fail(BNORM_STATUS_IO, F, "%s: not a regular file", path);
+        }
+        int fl = fcntl(fd, F_GETFL);
+        if (fl == -1 || fcntl(fd, F_SETFL, fl & ~O_NONBLOCK) == -1 || !(f->fp = fdopen(fd, "rb"))) {
+            int err = errno;
+            close(fd);
+            return bn_fail(BNORM_STATUS_IO, F, "%s: cannot open: %s", path, strerror(err));
         }
         f->size = (uint64_t)sb.st_size;
     } else {
@@ -310,60 +619,57 @@ static bnorm_status st_open(st_file *f, const char *F, const char *path, const u
                        (unsigned long long)n, ST_MAX_HEADER, (unsigned long long)f->size);
     f->data_off = 8 + n;
     f->data_size = f->size - f->data_off;
-    char *hdr = (char *)malloc((size_t)n);
+    char *hdr = f->hdr = (char *)malloc((size_t)n + 1);
     if (!hdr) return bn_fail(BNORM_STATUS_OUT_OF_MEMORY, F, "%s: cannot allocate a header of %llu bytes", f->label,
                              (unsigned long long)n);
-    if (st_read(f, 8, hdr, (size_t)n) != 0) {
-        free(hdr);
-        return bn_fail(BNORM_STATUS_IO, F, "%s: cannot read the header", f->label);
-    }
+    if (st_read(f, 8, hdr, (size_t)n) != 0) return bn_fail(BNORM_STATUS_IO, F, "%s: cannot read the header", f->label);
+    hdr[n] = '\0';
     size_t where = 0;
     const char *bad = st_check_text((const unsigned char *)hdr, (size_t)n, &where);
-    if (bad) {
-        free(hdr);
-        return bn_fail(BNORM_STATUS_FORMAT, F, "%s: header byte %zu: %s", f->label, where, bad);
-    }
-    if (hdr[0] != '{') {
-        free(hdr);
-        return st_fmt(f, "the header does not start with '{'", NULL);
-    }
-    const char *end = NULL;
-    f->root = cJSON_ParseWithLengthOpts(hdr, (size_t)n, &end, 0);
-    if (!f->root) {
-        size_t pos = end && end >= hdr && end <= hdr + n ? (size_t)(end - hdr) : 0;
-        free(hdr);
-        return bn_fail(BNORM_STATUS_FORMAT, F, "%s: the header is not valid JSON (error near byte %zu)", f->label, pos);
-    }
-    for (const char *p = end; p < hdr + n; p++)
-        if (*p != ' ' && *p != '\t' && *p != '\n' && *p != '\r') {
-            size_t pos = (size_t)(p - hdr);
-            free(hdr);
-            return bn_fail(BNORM_STATUS_FORMAT, F, "%s: header byte %zu: text after the JSON object", f->label, pos);
-        }
-    free(hdr);
-    if (!cJSON_IsObject(f->root)) return st_fmt(f, "the header is not a JSON object", NULL);
+    if (bad) return bn_fail(BNORM_STATUS_FORMAT, F, "%s: header byte %zu: %s", f->label, where, bad);
+    if (hdr[0] != '{') return st_fmt(f, "the header does not start with '{'", NULL);
 
-    size_t count = 0;
-    for (const cJSON *c = f->root->child; c; c = c->next) count++;
-    f->ent = (st_entry *)calloc(count ? count : 1, sizeof *f->ent);
-    if (!f->ent) return bn_fail(BNORM_STATUS_OUT_OF_MEMORY, F, "%s: cannot allocate %zu entries", f->label, count);
+    st_scan sc = {.s = hdr, .n = (size_t)n};
+    if (!st_scan_value(&sc, 1, 1)) {
+        if (sc.why)
+            return bn_fail(BNORM_STATUS_FORMAT, F, "%s: the header has %s (this reader's limit; refused near byte %zu)",
+                           f->label, sc.why, sc.i);
+        return bn_fail(BNORM_STATUS_FORMAT, F, "%s: the header is not valid JSON (error near byte %zu)", f->label, sc.i);
+    }
+    st_ws(hdr, (size_t)n, &sc.i);
+    if (sc.i < n)
+        return bn_fail(BNORM_STATUS_FORMAT, F, "%s: header byte %zu: text after the JSON object", f->label, sc.i);
+
+    st_walk w = {.f = f, .s = hdr, .n = (size_t)n, .i = 1};
     size_t order = 0;
     bnorm_status st;
-    for (const cJSON *c = f->root->child; c; c = c->next, order++) {
-        if (!c->string) return st_fmt(f, "an entry has no name", NULL);
-        if (strcmp(c->string, "__metadata__") == 0) {
-            if (f->meta) return st_fmt(f, "__metadata__ appears twice", NULL);
-            if ((st = st_check_metadata(f, c))) return st;
-            f->meta = c;
+    for (; !st_eat(&w, '}'); order++) {
+        st_eat(&w, ',');
+        const char *name;
+        if ((st = st_string(&w, &name))) return st;
+        st_eat(&w, ':');
+        if (strcmp(name, "__metadata__") == 0) {
+            if (f->has_meta) return st_fmt(f, "__metadata__ appears twice", NULL);
+            f->has_meta = 1;
+            if ((st = st_walk_metadata(&w, sc.meta_members))) return st;
             continue;
         }
+        if (f->n == f->cap) { /* grown as valid entries arrive: memory follows what the header really holds */
+            size_t cap = f->cap ? 2 * f->cap : 16;
+            st_entry *q = (st_entry *)realloc(f->ent, cap * sizeof *q);
+            if (!q) return bn_fail(BNORM_STATUS_OUT_OF_MEMORY, F, "%s: cannot allocate %zu entries", f->label, cap);
+            f->ent = q;
+            f->cap = cap;
+        }
         st_entry *e = &f->ent[f->n];
+        memset(e, 0, sizeof *e);
+        e->name = name;
         e->order = order;
-        if ((st = st_check_entry(f, c, e))) return st;
+        if ((st = st_walk_entry(&w, e)) || (st = st_check_offsets(f, e))) return st;
         f->n++;
     }
     /* the tensors must tile the data area: no overlap, no hole, nothing after the last one */
-    qsort(f->ent, f->n, sizeof *f->ent, st_cmp_offset);
+    if (f->n) qsort(f->ent, f->n, sizeof *f->ent, st_cmp_offset);
     uint64_t at = 0;
     for (size_t i = 0; i < f->n; i++) {
         const st_entry *e = &f->ent[i];
@@ -383,13 +689,12 @@ static bnorm_status st_open(st_file *f, const char *F, const char *path, const u
         return bn_fail(BNORM_STATUS_FORMAT, F,
                        "%s: the tensors cover %llu bytes of a data area of %llu: the format allows no trailing bytes",
                        f->label, (unsigned long long)at, (unsigned long long)f->data_size);
-    qsort(f->ent, f->n, sizeof *f->ent, st_cmp_name);
+    if (f->n) qsort(f->ent, f->n, sizeof *f->ent, st_cmp_name);
     for (size_t i = 1; i < f->n; i++)
         if (strcmp(f->ent[i - 1].name, f->ent[i].name) == 0)
             return st_fmt(f, "the name appears twice", f->ent[i].name);
     return BNORM_STATUS_OK;
 }
-
 /* prefix + name in a new allocation (NULL when out of memory). */
 static char *st_join(const char *a, const char *b, const char *c) {
     size_t la = strlen(a), lb = strlen(b), lc = strlen(c);
@@ -408,9 +713,9 @@ static const st_entry *st_find(const st_file *f, const char *name) {
 }
 
 static const char *st_meta_get(const st_file *f, const char *key) {
-    const cJSON *v;
-    if (!f->meta || st_member(f->meta, key, &v) != 1) return NULL;
-    return v->valuestring;
+    st_meta k = {key, NULL};
+    const st_meta *m = f->nmeta ? (const st_meta *)bsearch(&k, f->meta, f->nmeta, sizeof k, st_cmp_meta) : NULL;
+    return m ? m->value : NULL;
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -541,19 +846,6 @@ static bnorm_status st_layer_options(st_file *f, const char *prefix, st_layer *L
     return BNORM_STATUS_OK;
 }
 
-/* C of a per-channel tensor: shape (C), or MegEngine's (1, C, 1, ...); 0 if neither. */
-static int64_t st_channels(const st_entry *e) {
-    if (e->rank == 1) return (int64_t)e->shape->child->valuedouble;
-    if (e->rank < 2) return 0;
-    int i = 0;
-    int64_t C = 0;
-    for (const cJSON *d = e->shape->child; d; d = d->next, i++) {
-        if (i == 1) C = (int64_t)d->valuedouble;
-        else if (d->valuedouble != 1) return 0;
-    }
-    return C;
-}
-
 /* Finds and checks the tensors of the layer under prefix (structure only, no layer involved). */
 static bnorm_status st_layer_find(st_file *f, const char *prefix, st_layer *L) {
     memset(L, 0, sizeof *L);
@@ -572,7 +864,7 @@ static bnorm_status st_layer_find(st_file *f, const char *prefix, st_layer *L) {
             return bn_fail(BNORM_STATUS_FORMAT, f->F, "%s: tensor \"" ST_NAME_FMT "\": dtype %s: must be F16, BF16, F32 or F64",
                            f->label, e->name, st_dtypes[e->dtype].name);
         L->f64 |= kind == ST_F64;
-        int64_t C = st_channels(e);
+        int64_t C = e->channels;
         if (C < 1)
             return bn_fail(BNORM_STATUS_SHAPE_MISMATCH, f->F,
                            "%s: tensor \"" ST_NAME_FMT "\": shape of rank %d: must be (C) or (1, C, 1, ...) with C >= 1",
@@ -738,7 +1030,7 @@ bnorm_status bnorm_layer_load(bnorm_layer *layer, const char *path, const char *
  * Listing the layers of a file
  * ------------------------------------------------------------------------------------------- */
 typedef struct st_found {
-    const char *prefix; /* points into the cJSON tree: the first len bytes */
+    const char *prefix; /* points into the header copy: the first len bytes */
     size_t len;
     bnorm_layer_options opt;
     int has_options;
@@ -754,8 +1046,15 @@ static int st_ends_with(const char *s, size_t n, const char *suffix) {
     return n >= k && memcmp(s + n - k, suffix, k) == 0;
 }
 
+/* The layers found so far; grown by doubling (a layer needs at least one tensor or ten metadata
+ * entries of the header, so this stays a fraction of the header's size). */
+typedef struct st_found_list {
+    st_found *v;
+    size_t n, cap;
+} st_found_list;
+
 /* Adds the layer under the first len bytes of name if it resolves; other layers are skipped. */
-static bnorm_status st_try_layer(st_file *f, const char *name, size_t len, st_found *out, size_t *nf) {
+static bnorm_status st_try_layer(st_file *f, const char *name, size_t len, st_found_list *out) {
     char *p = (char *)malloc(len + 1);
     if (!p) return bn_fail(BNORM_STATUS_OUT_OF_MEMORY, f->F, "cannot allocate a prefix");
     memcpy(p, name, len);
@@ -767,7 +1066,14 @@ static bnorm_status st_try_layer(st_file *f, const char *name, size_t len, st_fo
     if (st || !L.C) return BNORM_STATUS_OK;
     int64_t nbt;
     if (L.t[T_NBT] && st_read_counter(f, L.t[T_NBT], &nbt) != BNORM_STATUS_OK) return BNORM_STATUS_OK;
-    st_found *e = &out[(*nf)++];
+    if (out->n == out->cap) {
+        size_t cap = out->cap ? 2 * out->cap : 16;
+        st_found *q = (st_found *)realloc(out->v, cap * sizeof *q);
+        if (!q) return bn_fail(BNORM_STATUS_OUT_OF_MEMORY, f->F, "cannot allocate the listing");
+        out->v = q;
+        out->cap = cap;
+    }
+    st_found *e = &out->v[out->n++];
     e->prefix = name;
     e->len = len;
     e->has_options = L.has_options;
@@ -782,16 +1088,27 @@ static bnorm_status st_try_layer(st_file *f, const char *name, size_t len, st_fo
     return BNORM_STATUS_OK;
 }
 
+static int st_cmp_ptr(const void *a, const void *b) {
+    const char *x = *(const char *const *)a, *y = *(const char *const *)b;
+    return x < y ? -1 : (x > y);
+}
+
+static int st_is_version_key(const char *k, size_t len) {
+    return len >= strlen("bnorm.version") && strncmp(k, "bnorm.", 6) == 0 && st_ends_with(k, len, "version");
+}
+
+/* Every lookup below is a binary search in the sorted tensors or metadata: the listing takes time
+ * O(h log h) in the header's size h, with no rescan of the header per layer. */
 static bnorm_status st_list(st_file *f, bnorm_state_entry **entries, size_t *count) {
     const char *F = f->F;
-    size_t nmeta = 0;
-    if (f->meta)
-        for (const cJSON *c = f->meta->child; c; c = c->next) nmeta++;
-    st_found *found = (st_found *)calloc(f->n + nmeta + 1, sizeof *found);
+    st_found_list fl = {0};
     const st_entry **byorder = (const st_entry **)calloc(f->n + 1, sizeof *byorder);
-    size_t nf = 0;
+    const char **vkeys = NULL;
+    size_t nv = 0;
+    for (size_t i = 0; i < f->nmeta; i++) nv += st_is_version_key(f->meta[i].key, strlen(f->meta[i].key));
+    vkeys = (const char **)malloc((nv + 1) * sizeof *vkeys);
     bnorm_status st = BNORM_STATUS_OK;
-    if (!found || !byorder) {
+    if (!vkeys || !byorder) {
         st = bn_fail(BNORM_STATUS_OUT_OF_MEMORY, F, "cannot allocate the listing");
         goto done;
     }
@@ -801,15 +1118,17 @@ static bnorm_status st_list(st_file *f, bnorm_state_entry **entries, size_t *cou
     for (size_t i = 0; i < f->n && !st; i++) {
         size_t len = strlen(byorder[i]->name);
         if (st_ends_with(byorder[i]->name, len, "running_mean"))
-            st = st_try_layer(f, byorder[i]->name, len - strlen("running_mean"), found, &nf);
+            st = st_try_layer(f, byorder[i]->name, len - strlen("running_mean"), &fl);
     }
-    /* then layers known only from bnorm's metadata (no running statistics), in metadata order */
-    for (const cJSON *c = f->meta ? f->meta->child : NULL; c && !st; c = c->next) {
-        size_t len = strlen(c->string);
-        if (len < strlen("bnorm.version") || strncmp(c->string, "bnorm.", 6) != 0 ||
-            !st_ends_with(c->string, len, "version"))
-            continue;
-        const char *p = c->string + 6;
+    /* then layers known only from bnorm's metadata (no running statistics), in metadata order (the
+     * keys point into the header, so their addresses are their order) */
+    nv = 0;
+    for (size_t i = 0; i < f->nmeta; i++)
+        if (st_is_version_key(f->meta[i].key, strlen(f->meta[i].key))) vkeys[nv++] = f->meta[i].key;
+    qsort(vkeys, nv, sizeof *vkeys, st_cmp_ptr);
+    for (size_t i = 0; i < nv && !st; i++) {
+        size_t len = strlen(vkeys[i]);
+        const char *p = vkeys[i] + 6;
         size_t plen = len - 6 - strlen("version");
         char *rm = (char *)malloc(plen + sizeof "running_mean");
         if (!rm) {
@@ -820,34 +1139,35 @@ static bnorm_status st_list(st_file *f, bnorm_state_entry **entries, size_t *cou
         memcpy(rm + plen, "running_mean", sizeof "running_mean");
         int seen = st_find(f, rm) != NULL;
         free(rm);
-        if (!seen) st = st_try_layer(f, p, plen, found, &nf);
+        if (!seen) st = st_try_layer(f, p, plen, &fl);
     }
     if (st) goto done;
     *entries = NULL;
-    *count = nf;
-    if (nf) {
-        size_t total = nf * sizeof(bnorm_state_entry);
-        for (size_t i = 0; i < nf; i++) total += found[i].len + 1;
+    *count = fl.n;
+    if (fl.n) {
+        size_t total = fl.n * sizeof(bnorm_state_entry);
+        for (size_t i = 0; i < fl.n; i++) total += fl.v[i].len + 1;
         bnorm_state_entry *out = (bnorm_state_entry *)malloc(total);
         if (!out) {
             *count = 0;
             st = bn_fail(BNORM_STATUS_OUT_OF_MEMORY, F, "cannot allocate %zu bytes for the listing", total);
             goto done;
         }
-        char *text = (char *)(out + nf);
-        for (size_t i = 0; i < nf; i++) {
-            memcpy(text, found[i].prefix, found[i].len);
-            text[found[i].len] = '\0';
+        char *text = (char *)(out + fl.n);
+        for (size_t i = 0; i < fl.n; i++) {
+            memcpy(text, fl.v[i].prefix, fl.v[i].len);
+            text[fl.v[i].len] = '\0';
             out[i].prefix = text;
-            out[i].options = found[i].opt;
-            out[i].has_options = found[i].has_options;
-            text += found[i].len + 1;
+            out[i].options = fl.v[i].opt;
+            out[i].has_options = fl.v[i].has_options;
+            text += fl.v[i].len + 1;
         }
         *entries = out;
     }
     bn_clear_error(); /* layers that did not resolve left messages */
 done:
-    free(found);
+    free(fl.v);
+    free(vkeys);
     free(byorder);
     return st;
 }
@@ -941,22 +1261,56 @@ static void st_put_le(unsigned char *d, uint64_t v, int bytes) {
     for (int i = 0; i < bytes; i++) d[i] = (unsigned char)(v >> (8 * i));
 }
 
-/* Writes the chunks to a temporary file next to path, syncs it and renames it over path. */
+/* Writes all chunks to fd; the "write" test hook makes one write stop halfway, as a full disk would. */
+static int st_write_all(int fd, int *step, const unsigned char *const *chunk, const size_t *len, int nchunks) {
+    for (int i = 0; i < nchunks; i++) {
+        size_t n = len[i], done = 0;
+        int fail = st_inject(step, "write");
+        if (fail) n /= 2;
+        while (done < n) {
+            ssize_t k = write(fd, chunk[i] + done, n - done);
+            if (k < 0 && errno == EINTR) continue;
+            if (k <= 0) {
+                if (k == 0) errno = EIO;
+                return -1;
+            }
+            done += (size_t)k;
+        }
+        if (fail) {
+            errno = EIO;
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* A fresh name next to path for the temporary file. */
+static void st_tmp_name(char *tmp, size_t cap, const char *path) {
+    static atomic_uint counter;
+    snprintf(tmp, cap, "%s.tmp-%ld-%u", path, (long)getpid(), atomic_fetch_add(&counter, 1u));
+}
+
+/* Writes the chunks to a new file next to path, syncs it and renames it over path, so that path holds
+ * the old file or the new one, whole. Where the system has O_TMPFILE (Linux 3.11+, most local file
+ * systems) the data goes to an anonymous file in path's directory that gets a name (linkat) only once
+ * it is complete and synced, just before the rename: a process killed while writing leaves nothing
+ * behind (the window left is the one between linkat and rename). Elsewhere, or when the file system
+ * refuses, a named temporary file is created first (O_EXCL) and removed on every error; only a kill
+ * can leave it. */
 static bnorm_status st_write_atomic(const char *F, const char *path, const unsigned char *const *chunk,
                                     const size_t *len, int nchunks) {
-    static atomic_uint counter;
     int step = 0;
     const char *what = "create";
     size_t pl = strlen(path);
     char *tmp = (char *)malloc(pl + 64), *dir = (char *)malloc(pl + 2);
-    FILE *fp = NULL;
-    int fd = -1, err = 0;
+    int fd = -1, err = 0, named = 0; /* named: tmp exists in the directory */
     bnorm_status st = BNORM_STATUS_OK;
     if (!tmp || !dir) {
         free(tmp);
         free(dir);
         return bn_fail(BNORM_STATUS_OUT_OF_MEMORY, F, "cannot allocate file names");
     }
+    tmp[0] = '\0';
     const char *slash = strrchr(path, '/');
     if (!slash) strcpy(dir, ".");
     else if (slash == path) strcpy(dir, "/");
@@ -964,48 +1318,62 @@ static bnorm_status st_write_atomic(const char *F, const char *path, const unsig
         memcpy(dir, path, (size_t)(slash - path));
         dir[slash - path] = '\0';
     }
-    for (int tries = 0;; tries++) {
-        snprintf(tmp, pl + 64, "%s.tmp-%ld-%u", path, (long)getpid(), atomic_fetch_add(&counter, 1u));
-        if (st_inject(&step, what)) break;
-        fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
-        if (fd >= 0 || errno != EEXIST || tries >= 100) break;
-    }
-    if (fd < 0) {
-        err = errno;
-        st = bn_fail(BNORM_STATUS_IO, F, "%s: cannot create the temporary file %s: %s (the destination is unchanged)",
-                     path, tmp, strerror(err));
-        goto out;
-    }
-    fp = fdopen(fd, "wb");
-    if (!fp) {
-        err = errno;
-        close(fd);
-        goto fail;
-    }
-    for (int i = 0; i < nchunks; i++) {
-        what = "write";
-        if (st_inject(&step, what)) {
-            err = errno;
-            fwrite(chunk[i], 1, len[i] / 2, fp);
-            goto fail;
-        }
-        if (fwrite(chunk[i], 1, len[i], fp) != len[i]) {
-            err = errno ? errno : EIO;
-            goto fail;
-        }
-    }
-    what = "flush";
-    if (st_inject(&step, what) || fflush(fp) != 0) { err = errno; goto fail; }
-    what = "fsync";
-    if (st_inject(&step, what) || fsync(fileno(fp)) != 0) { err = errno; goto fail; }
-    what = "close";
+    int anon = 0;
     if (st_inject(&step, what)) {
         err = errno;
-        goto fail;
+        st = bn_fail(BNORM_STATUS_IO, F, "%s: cannot create the temporary file: %s (the destination is unchanged)", path,
+                     strerror(err));
+        goto out;
     }
+#ifdef O_TMPFILE
+    fd = open(dir, O_TMPFILE | O_WRONLY | O_CLOEXEC, 0666);
+    anon = fd >= 0;
+#endif
+retry_named:
+    if (!anon) {
+        for (int tries = 0;; tries++) {
+            st_tmp_name(tmp, pl + 64, path);
+            fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+            if (fd >= 0 || errno != EEXIST || tries >= 100) break;
+        }
+        if (fd < 0) {
+            err = errno;
+            st = bn_fail(BNORM_STATUS_IO, F, "%s: cannot create the temporary file %s: %s (the destination is unchanged)",
+                         path, tmp, strerror(err));
+            goto out;
+        }
+        named = 1;
+    }
+    what = "write";
+    if (st_write_all(fd, &step, chunk, len, nchunks) != 0) { err = errno; goto fail; }
+    what = "fsync";
+    if (st_inject(&step, what) || fsync(fd) != 0) { err = errno; goto fail; }
+#ifdef O_TMPFILE
+    if (anon) {
+        what = "link";
+        if (st_inject(&step, what)) { err = errno; goto fail; }
+        char proc[64];
+        snprintf(proc, sizeof proc, "/proc/self/fd/%d", fd);
+        int rc = -1;
+        for (int tries = 0; tries <= 100; tries++) {
+            st_tmp_name(tmp, pl + 64, path);
+            rc = linkat(AT_FDCWD, proc, AT_FDCWD, tmp, AT_SYMLINK_FOLLOW);
+            if (rc == 0 || errno != EEXIST) break;
+        }
+        if (rc != 0) { /* no /proc, or a file system that cannot link it: write again, with a name */
+            close(fd);
+            fd = -1;
+            anon = 0;
+            goto retry_named;
+        }
+        named = 1;
+    }
+#endif
+    what = "close";
+    if (st_inject(&step, what)) { err = errno; goto fail; }
     {
-        int rc = fclose(fp);
-        fp = NULL;
+        int rc = close(fd);
+        fd = -1;
         if (rc != 0) { err = errno; goto fail; }
     }
     what = "rename";
@@ -1026,8 +1394,8 @@ static bnorm_status st_write_atomic(const char *F, const char *path, const unsig
                      "name may not survive a system crash)", path, what, dir, strerror(err));
     goto out;
 fail:
-    if (fp) fclose(fp);
-    unlink(tmp);
+    if (fd >= 0) close(fd);
+    if (named) unlink(tmp);
     st = bn_fail(BNORM_STATUS_IO, F, "%s: %s of the temporary file failed: %s (the destination is unchanged)", path,
                  what, strerror(err ? err : EIO));
 out:

@@ -310,7 +310,7 @@ static bnorm_status bn_layer_forward(const char *F, bnorm_layer *l, bnorm_layer_
             switch (o->momentum_mode) {
             case BNORM_MOMENTUM_NEW_WEIGHT: a.momentum = o->momentum; break;
             case BNORM_MOMENTUM_KEPT_WEIGHT: a.momentum = 1.0 - o->momentum; break;
-            case BNORM_MOMENTUM_CUMULATIVE: a.momentum = 1.0 / (double)(l->num_batches_tracked + 1); break;
+            case BNORM_MOMENTUM_CUMULATIVE: a.momentum = 1.0 / ((double)l->num_batches_tracked + 1.0); break;
             }
         }
     } else {
@@ -320,7 +320,7 @@ static bnorm_status bn_layer_forward(const char *F, bnorm_layer *l, bnorm_layer_
     }
     st = bnorm_forward(&a);
     if (st) return bn_error_reprefix(F, st);
-    if (update) l->num_batches_tracked++;
+    if (update && l->num_batches_tracked < INT64_MAX) l->num_batches_tracked++; /* saturates (bnorm.h) */
     if (!batch_stats) { /* the backward treats the running statistics as constants */
         for (int64_t c = 0; c < C; c++) {
             bn_param_set(ctx->mean, o->param_dtype, c, bn_param_get(l->running_mean, o->param_dtype, c));
@@ -463,7 +463,7 @@ bnorm_status bnorm_layer_tensor(bnorm_layer *l, bnorm_tensor_id id, void **data)
     case BNORM_TENSOR_RUNNING_VAR: p = l->running_var; break;
     case BNORM_TENSOR_WEIGHT_GRAD: p = l->weight_grad; break;
     case BNORM_TENSOR_BIAS_GRAD: p = l->bias_grad; break;
-    default: *data = NULL; return bn_fail(BNORM_STATUS_INVALID_ARGUMENT, F, "id = %d: not a bnorm_tensor_id", (int)id);
+    default: return bn_fail(BNORM_STATUS_INVALID_ARGUMENT, F, "id = %d: not a bnorm_tensor_id", (int)id);
     }
     *data = p;
     if (!p)
