@@ -10,6 +10,7 @@ bnorm_add_test(test_convert test_convert.c)
 # -std=c99 -pedantic and every warning an error, and links the shared library (exported symbols).
 add_executable(test_c99 test_c99.c)
 target_link_libraries(test_c99 PRIVATE bnorm)
+target_compile_definitions(test_c99 PRIVATE BNORM_CMAKE_PROJECT_VERSION="${PROJECT_VERSION}")
 set_target_properties(test_c99 PROPERTIES C_STANDARD 99 C_STANDARD_REQUIRED ON C_EXTENSIONS OFF)
 if(CMAKE_C_COMPILER_ID MATCHES "GNU|Clang")
   target_compile_options(test_c99 PRIVATE -std=c99 -pedantic -Werror -Wall -Wextra)

@@ -51,7 +51,7 @@ if(BNORM_CLANG AND PkgConfig_FOUND)
     set(fuzz_exe ${CMAKE_CURRENT_BINARY_DIR}/fuzz_safetensors)
     add_custom_command(OUTPUT ${fuzz_exe}
       COMMAND ${BNORM_CLANG} -std=c11 -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined
-              -DBN_ISA=scalar -I${PROJECT_SOURCE_DIR}/include -I${src} ${BNORM_FUZZ_CJSON_CFLAGS}
+              -DBN_ISA=scalar -I${PROJECT_SOURCE_DIR}/include -I${BNORM_GENERATED_INCLUDE} -I${src} ${BNORM_FUZZ_CJSON_CFLAGS}
               ${fuzz_sources} ${BNORM_FUZZ_CJSON_LDFLAGS} -lm -o ${fuzz_exe}
       DEPENDS ${fuzz_sources} ${src}/core/internal.h ${src}/layer/layer_internal.h
               ${PROJECT_SOURCE_DIR}/include/bnorm/bnorm.h
