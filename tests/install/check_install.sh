@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # check_install.sh BUILD_DIR SOURCE_ROOT [MPIEXEC MPIEXEC_FLAGS...]
 # Installs the build into a temporary prefix and builds and runs one consumer of each kind:
-#   1. CMake, C project: bnorm::bnorm (shared) and bnorm::bnorm_static; neither gets -fopenmp
+#   1. CMake, C project: bnorm::bnorm (shared) and bnorm::bnorm_static; neither gets -fopenmp, and
+#      neither needs MPI to be findable
 #   2. CMake, C++-only project (no C compiler enabled): shared and static
 #   3. pkg-config, shared: cc app.c $(pkg-config --cflags --libs bnorm) -Wl,-rpath,<libdir>, run
 #      without LD_LIBRARY_PATH; `pkg-config --cflags bnorm` works without libcjson.pc on the path
@@ -44,14 +45,15 @@ fi
 ok "package files (version $version, soname .$soname, MPI $has_mpi)"
 
 # 1. CMake, C: shared and static (the static one must not need libbnorm.so)
-q cmake -S "$src/consumer_c" -B "$tmp/c" -DCMAKE_PREFIX_PATH="$prefix"
+# (MPI made unfindable: an MPI-enabled install must not need MPI without COMPONENTS mpi)
+q cmake -S "$src/consumer_c" -B "$tmp/c" -DCMAKE_PREFIX_PATH="$prefix" -DCMAKE_DISABLE_FIND_PACKAGE_MPI=ON
 q cmake --build "$tmp/c"
 q "$tmp/c/consumer"; q "$tmp/c/consumer_static"
 readelf -d "$tmp/c/consumer_static" | grep -q "NEEDED.*libbnorm" && die "consumer_static depends on libbnorm.so"
 ok "CMake C project: bnorm::bnorm and bnorm::bnorm_static"
 
 # 2. CMake, C++ only
-q cmake -S "$src/consumer_cxx" -B "$tmp/cxx" -DCMAKE_PREFIX_PATH="$prefix"
+q cmake -S "$src/consumer_cxx" -B "$tmp/cxx" -DCMAKE_PREFIX_PATH="$prefix" -DCMAKE_DISABLE_FIND_PACKAGE_MPI=ON
 q cmake --build "$tmp/cxx"
 q "$tmp/cxx/consumer_cxx"; q "$tmp/cxx/consumer_cxx_static"
 ok "CMake C++-only project: bnorm::bnorm and bnorm::bnorm_static"
