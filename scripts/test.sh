@@ -5,8 +5,10 @@
 #      inference example, MPI with real processes, state I/O and its fuzzer, demo and docs/demo.md's
 #      numbers, the installed package's consumers, the README's example and commands, benchmark smoke),
 #   3. rebuilds with AddressSanitizer + UndefinedBehaviorSanitizer and runs the suite again,
-#   4. runs the core tests under valgrind.
-# Build trees: build/ and build-asan/ (reused when present).
+#   4. rebuilds the embedding tests with ThreadSanitizer (OpenMP off: libgomp is not instrumented, so
+#      the threads are a caller's pthread pool) and runs them,
+#   5. runs the core tests under valgrind.
+# Build trees: build/, build-asan/ and build-tsan/ (reused when present).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/deps.sh test
@@ -25,9 +27,16 @@ echo "== tests under ASan + UBSan =="
 # OpenMPI's own allocations are reported as leaks by LeakSanitizer; leaks are checked by valgrind below.
 (cd build-asan && ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1 ctest --output-on-failure -j1 -E "fuzz|interop_regen|fixtures_regen")
 
+echo "== build (ThreadSanitizer, OpenMP off) =="
+cmake -S . -B build-tsan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DBNORM_SANITIZE_THREAD=ON -DBNORM_OPENMP=OFF \
+  -DBNORM_BUILD_EXAMPLES=OFF -DBNORM_BUILD_BENCH=OFF >/dev/null
+cmake --build build-tsan -j"$jobs" --target test_embed >/dev/null
+echo "== tests under ThreadSanitizer =="
+TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1" build-tsan/tests/test_embed
+
 echo "== valgrind =="
 vg=(valgrind -q --error-exitcode=1 --leak-check=full --show-possibly-lost=no --errors-for-leak-kinds=definite)
-for t in test_errors test_layer test_hard test_pytorch test_state; do
+for t in test_errors test_layer test_hard test_pytorch test_state test_embed; do
   [ -x "build/tests/$t" ] || continue
   echo "valgrind $t"
   "${vg[@]}" "build/tests/$t" >/dev/null

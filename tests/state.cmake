@@ -40,13 +40,14 @@ if(BNORM_CLANG AND PkgConfig_FOUND)
     set(src ${PROJECT_SOURCE_DIR}/src)
     set(fuzz_sources ${CMAKE_CURRENT_SOURCE_DIR}/fuzz/fuzz_safetensors.c ${src}/io/safetensors.c
         ${src}/layer/layer.c ${src}/layer/fold.c ${src}/core/error.c ${src}/core/desc.c ${src}/core/half.c
+        ${src}/core/plan.c ${src}/core/comm.c ${src}/core/stats.c
         ${src}/cpu/dispatch.c ${src}/cpu/driver.c ${src}/cpu/kernels.c)
     set(fuzz_exe ${CMAKE_CURRENT_BINARY_DIR}/fuzz_safetensors)
     add_custom_command(OUTPUT ${fuzz_exe}
       COMMAND ${BNORM_CLANG} -std=c11 -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined
               -DBN_ISA=scalar -I${PROJECT_SOURCE_DIR}/include -I${BNORM_GENERATED_INCLUDE} -I${src} ${BNORM_FUZZ_CJSON_CFLAGS}
               ${fuzz_sources} ${BNORM_FUZZ_CJSON_LDFLAGS} -lm -o ${fuzz_exe}
-      DEPENDS ${fuzz_sources} ${src}/core/internal.h ${src}/layer/layer_internal.h
+      DEPENDS ${fuzz_sources} ${src}/core/internal.h ${src}/core/plan.h ${src}/layer/layer_internal.h
               ${PROJECT_SOURCE_DIR}/include/bnorm/bnorm.h
       COMMENT "Building the safetensors fuzz target with clang/libFuzzer" VERBATIM)
     add_custom_target(fuzz_safetensors_build ALL DEPENDS ${fuzz_exe})

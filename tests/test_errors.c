@@ -256,16 +256,26 @@ static void test_forward(void) {
     a = base; a.training = 0; a.save_mean = NULL; FAILS(bnorm_forward(&a), BNORM_STATUS_INVALID_ARGUMENT, F);
     a = base; a.training = 0; a.save_mean = a.save_invstd = NULL; a.eps = -1;
     FAILS(bnorm_forward(&a), BNORM_STATUS_INVALID_ARGUMENT, F);
-    /* workspace: too small, misaligned (in the schedules that use one: inference, channels-last) */
+    /* workspace: too small, zero-sized, misaligned: one rule on every schedule (issue 18 item 7) */
     for (int layout = 0; layout < 2; layout++)
         for (int training = 0; training < 2; training++) {
-            if (training && layout == 0) continue; /* the channel schedule needs no workspace */
             a = base;
             a.desc.layout = (bnorm_layout)layout;
             a.training = training;
             if (!training) a.save_mean = a.save_invstd = NULL;
             a.workspace = ws;
+            /* an explicit thread count must fit the workspace */
+            a.num_threads = 2;
+            bnorm_set_num_threads(2);
             a.workspace_size = bnorm_workspace_size(&a.desc, 1) - 8;
+            FAILS(bnorm_forward(&a), BNORM_STATUS_INVALID_ARGUMENT, F);
+            /* the default count shrinks to what the workspace holds, never below one thread's need */
+            a.num_threads = 0;
+            bnorm_set_num_threads(1);
+            a.workspace_size = bnorm_workspace_size(&a.desc, 1) - 8;
+            bnorm_set_num_threads(0);
+            FAILS(bnorm_forward(&a), BNORM_STATUS_INVALID_ARGUMENT, F);
+            a.workspace_size = 0;
             FAILS(bnorm_forward(&a), BNORM_STATUS_INVALID_ARGUMENT, F);
             a.workspace = (char *)ws + 4;
             a.workspace_size = wsz;
@@ -342,9 +352,13 @@ static void test_backward(void) {
         a = base;
         a.desc.layout = (bnorm_layout)layout;
         a.workspace = ws;
+        /* every schedule checks a given workspace the same way (issue 18 item 7) */
+        bnorm_set_num_threads(1);
         a.workspace_size = bnorm_workspace_size(&a.desc, 1) - 1;
-        if (layout == 1) FAILS(bnorm_backward(&a), BNORM_STATUS_INVALID_ARGUMENT, F);
-        a.desc.layout = BNORM_LAYOUT_CHANNELS_LAST;
+        bnorm_set_num_threads(0);
+        FAILS(bnorm_backward(&a), BNORM_STATUS_INVALID_ARGUMENT, F);
+        a.workspace_size = 0;
+        FAILS(bnorm_backward(&a), BNORM_STATUS_INVALID_ARGUMENT, F);
         a.workspace = (char *)ws + 2;
         a.workspace_size = wsz;
         FAILS(bnorm_backward(&a), BNORM_STATUS_INVALID_ARGUMENT, F);

@@ -33,9 +33,31 @@
  *   - Tensor pointers must be aligned to their element size (as any C array of that type is); no
  *     further alignment is needed. Buffers that are not documented as aliasable must not overlap.
  *   - Thread safety: functions on distinct buffers/layers may be called concurrently from several
- *     threads. One layer must not be used from two threads at once. Each call uses up to
- *     bnorm_get_num_threads() OpenMP threads.
- *   - Results are bitwise identical run to run for a given thread count, CPU instruction set and input.
+ *     threads. One layer must not be used from two threads at once. Each call uses the thread count it
+ *     is given (args.num_threads, a plan's count) or else bnorm_get_num_threads(), read once per call.
+ *   - Results are bitwise identical run to run for a given thread count, CPU instruction set and input,
+ *     whether the threads are OpenMP's or a caller's pool (bnorm_threadpool).
+ *   - Language: this header is C99 (and C++); the library itself is built as C11 (thread-local error
+ *     messages, atomics).
+ *
+ * ABI policy (how the API grows without breaking built programs):
+ *   - Structs the caller allocates (bnorm_forward_args, bnorm_backward_args, bnorm_layer_options,
+ *     bnorm_comm, bnorm_threadpool) begin with `size_t struct_size`. New fields are only ever appended.
+ *     The library reads the first struct_size bytes and treats fields beyond them as zero, so a program
+ *     built against an older header keeps working with a newer library. struct_size = 0 means the
+ *     layout of ABI 1 (this header, bnorm 0.2), so zero-initialised structs written for 0.2 keep
+ *     working; code that uses fields added later must set struct_size = sizeof(the struct) (recommended
+ *     everywhere). A struct_size larger than the library knows is accepted when the unknown tail is all
+ *     zero, else BNORM_STATUS_UNSUPPORTED (a newer program asking for a feature this library lacks).
+ *   - bnorm_desc is frozen (value type, embedded in other structs): extensions such as strides would
+ *     come as new appended fields of the argument structs, not of bnorm_desc.
+ *   - Opaque objects (bnorm_plan, bnorm_layer, bnorm_layer_context) grow freely; enums only gain values.
+ *   - Only `bnorm_` symbols are exported. The soname changes whenever the ABI breaks: libbnorm.so.0.MINOR
+ *     while the major version is 0, libbnorm.so.MAJOR from 1.0 on.
+ *
+ * Diagnostics: with the environment variable BNORM_VERBOSE=1 every forward/backward (functional call
+ * or plan execution) prints one line to stderr: operation, shape, layout, dtype, schedule, instruction
+ * set, threads and microseconds; BNORM_VERBOSE=2 also prints plan creations. Read once per process.
  */
 #ifndef BNORM_H
 #define BNORM_H
@@ -151,10 +173,27 @@ BNORM_API int64_t bnorm_desc_numel(const bnorm_desc *desc);
  * Threads and instruction sets
  * ------------------------------------------------------------------------------------------- */
 
-/* Number of threads every later call may use (process-wide). n <= 0 restores the default: the
- * number of processors OpenMP reports. Without OpenMP the library is single-threaded. */
+/* The default thread count of calls that do not name one (args.num_threads = 0, plans created with 0).
+ * n > 0 sets a process-wide count (thread-safe; a call reads it once, so a change never affects a call
+ * in progress). n <= 0 restores the default: what OpenMP says the calling thread wants
+ * (omp_get_max_threads(): OMP_NUM_THREADS and omp_set_num_threads() are honoured), and 1 when called
+ * inside an OpenMP parallel region, so one call per host thread does not oversubscribe. Without OpenMP
+ * the library is single-threaded. bnorm_get_num_threads() returns the count a call made now by this
+ * thread would use. */
 BNORM_API void bnorm_set_num_threads(int n);
 BNORM_API int bnorm_get_num_threads(void);
+
+/* A caller's thread pool (TBB, a framework's pool) to run bnorm's parallel work on instead of OpenMP:
+ * parallel_for must call task(task_ctx, i) once for every i in [0, n), on any threads, in any order,
+ * concurrently or not, and return when all n calls have returned. The tasks never wait for each other,
+ * so running them one after another is correct too. Results are bitwise those of OpenMP with n threads.
+ * The pool must not call back into bnorm from a task. */
+typedef void (*bnorm_task_fn)(void *task_ctx, int index);
+typedef struct bnorm_threadpool {
+    size_t struct_size; /* sizeof(bnorm_threadpool), or 0 (see the ABI policy) */
+    void (*parallel_for)(void *pool_ctx, int n, bnorm_task_fn task, void *task_ctx);
+    void *pool_ctx;
+} bnorm_threadpool;
 
 /* Kernel variants. The best one the CPU supports is chosen at first use; the environment variable
  * BNORM_ISA=scalar|avx2|avx512 caps it (a cap above what the CPU has is lowered to what it has). */
@@ -184,6 +223,7 @@ BNORM_API const char *bnorm_isa_name(bnorm_isa isa);
  * ranks whose local batch is empty (N = 0) must still call.
  * ------------------------------------------------------------------------------------------- */
 typedef struct bnorm_comm {
+    size_t struct_size; /* sizeof(bnorm_comm), or 0 (see the ABI policy) */
     int rank;  /* this process, 0 <= rank < size */
     int size;  /* processes in the group, >= 1 */
     /* Nonzero: before the data exchange, one extra all-gather of 8 doubles per rank checks that every
@@ -227,9 +267,19 @@ typedef struct bnorm_comm {
  *   comm          training only: compute the statistics over every rank of the group (SyncBatchNorm).
  *                 Every rank passes the same C, dtype, layout and flags. NULL: this process only.
  *   workspace, workspace_size
- *                 optional 8-byte aligned scratch of at least bnorm_workspace_size() bytes, used only
- *                 during the call. NULL: the call allocates
- *                 (and frees) what it needs.
+ *                 optional 8-byte aligned scratch, used only during the call. NULL: the call allocates
+ *                 (and frees) what it needs. When given, it is checked the same way on every shape and
+ *                 path (size, alignment). Size it with bnorm_workspace_size (for the default thread
+ *                 count) or bnorm_plan_workspace_size. With num_threads = 0, a call whose workspace is
+ *                 too small for the default count runs on as many threads as it was sized for, so a
+ *                 workspace stays valid whatever the default becomes; with num_threads > 0 it must fit.
+ *   num_threads   threads of this call; 0: bnorm_get_num_threads() (read once).
+ *   threadpool    optional caller pool (see bnorm_threadpool); NULL: OpenMP.
+ *   save_mean_lo  [C] parameter dtype, optional output with save_mean: the part of the batch mean that
+ *                 save_mean's rounding dropped (mean - save_mean, rounded), so hi + lo carries the
+ *                 mean to about twice the parameter precision. Pass it to bnorm_backward's mean_lo:
+ *                 then a float32 backward is as accurate as the forward when the mean is large against
+ *                 the spread (PyTorch's is not).
  *
  * Training with one value per channel (m = N * spatial == 1; with comm, the global m) fails with
  * BNORM_STATUS_BATCH_TOO_SMALL. N = 0 (empty batch) is valid and writes nothing, as PyTorch: the
@@ -237,6 +287,7 @@ typedef struct bnorm_comm {
  * NaN/Inf inputs propagate as in PyTorch (a NaN in a channel makes that channel's statistics NaN).
  */
 typedef struct bnorm_forward_args {
+    size_t struct_size; /* sizeof(bnorm_forward_args), or 0 (see the ABI policy) */
     bnorm_desc desc;
     const void *x;
     void *y;
@@ -255,6 +306,12 @@ typedef struct bnorm_forward_args {
     const bnorm_comm *comm;
     void *workspace;
     size_t workspace_size;
+    int num_threads;
+    const bnorm_threadpool *threadpool;
+    void *save_mean_lo;
+#ifdef BNORM_ABI_TEST_APPEND
+    int64_t abi_test_appended; /* tests/abi only: a field appended after ABI 1 */
+#endif
 } bnorm_forward_args;
 
 BNORM_API bnorm_status bnorm_forward(const bnorm_forward_args *args);
@@ -285,9 +342,11 @@ BNORM_API bnorm_status bnorm_forward(const bnorm_forward_args *args);
  *                   dx equals the single-process result. dweight/dbias stay LOCAL (this rank's
  *                   contribution, as PyTorch's SyncBatchNorm) unless reduce_param_grads is nonzero.
  *   reduce_param_grads  with comm: dweight/dbias are the sums over the whole group.
- *   workspace, workspace_size  as in the forward.
+ *   workspace, workspace_size, num_threads, threadpool  as in the forward.
+ *   mean_lo         [C] optional: the forward's save_mean_lo; the mean used is mean + mean_lo.
  */
 typedef struct bnorm_backward_args {
+    size_t struct_size; /* sizeof(bnorm_backward_args), or 0 (see the ABI policy) */
     bnorm_desc desc;
     const void *x;
     const void *dy;
@@ -307,6 +366,12 @@ typedef struct bnorm_backward_args {
     int reduce_param_grads;
     void *workspace;
     size_t workspace_size;
+    int num_threads;
+    const bnorm_threadpool *threadpool;
+    const void *mean_lo;
+#ifdef BNORM_ABI_TEST_APPEND
+    int64_t abi_test_appended; /* tests/abi only: a field appended after ABI 1 */
+#endif
 } bnorm_backward_args;
 
 BNORM_API bnorm_status bnorm_backward(const bnorm_backward_args *args);
@@ -314,9 +379,43 @@ BNORM_API bnorm_status bnorm_backward(const bnorm_backward_args *args);
 /* Bytes of the relu_mask for a tensor of this descriptor (0 on an invalid one). */
 BNORM_API size_t bnorm_relu_mask_size(const bnorm_desc *desc);
 
-/* Bytes of workspace a forward/backward of this descriptor needs with the current thread count and
- * a communicator of comm_size ranks (1 without one). */
+/* Bytes of workspace a forward/backward of this descriptor needs with the default thread count
+ * (bnorm_get_num_threads() now) and a communicator of comm_size ranks (1 without one): enough for every
+ * path of either. 0 for an invalid descriptor, comm_size > 2^20, or a size that overflows. */
 BNORM_API size_t bnorm_workspace_size(const bnorm_desc *desc, int comm_size);
+
+/* ---------------------------------------------------------------------------------------------
+ * Plans: validate and choose once, execute many times (oneDNN's primitive, XNNPACK's operator)
+ *
+ * bnorm_plan_create_forward / _backward take an argument struct as a template: its configuration is
+ * fixed in the plan (desc, training / use_global_stats, relu, whether relu_mask, running statistics,
+ * comm and daddend are given, comm (the pointer; the struct it points to must outlive the plan),
+ * num_threads (0: the default at creation), threadpool (pointer, likewise)); its data pointers,
+ * eps, momentum and workspace are ignored. Creation validates all of that, settles the instruction
+ * set, the schedule, the thread count and the workspace size, and allocates the plan's own workspace.
+ *
+ * bnorm_plan_forward / _backward execute with the pointers, eps, momentum, accumulate and workspace
+ * of args; its configuration fields must equal the plan's (a cheap comparison; INVALID_ARGUMENT
+ * otherwise), and only the pointers and scalars are validated. No allocation: the plan's workspace is
+ * used unless args gives one (of at least bnorm_plan_workspace_size bytes). One plan may be executed
+ * from several threads at once: a second concurrent execution without its own workspace allocates one
+ * for that call. Semantics, outputs and errors are exactly those of bnorm_forward / bnorm_backward,
+ * which are themselves a plan made and executed on the spot.
+ * ------------------------------------------------------------------------------------------- */
+typedef struct bnorm_plan bnorm_plan;
+
+BNORM_API bnorm_status bnorm_plan_create_forward(const bnorm_forward_args *tmpl, bnorm_plan **out);
+BNORM_API bnorm_status bnorm_plan_create_backward(const bnorm_backward_args *tmpl, bnorm_plan **out);
+BNORM_API bnorm_status bnorm_plan_forward(bnorm_plan *plan, const bnorm_forward_args *args);
+BNORM_API bnorm_status bnorm_plan_backward(bnorm_plan *plan, const bnorm_backward_args *args);
+/* Workspace bytes an execution needs (0 for NULL). */
+BNORM_API size_t bnorm_plan_workspace_size(const bnorm_plan *plan);
+/* Threads the plan runs on. */
+BNORM_API int bnorm_plan_num_threads(const bnorm_plan *plan);
+/* A static name of the schedule chosen ("channel", "run", "split", "empty", ...), for diagnostics. */
+BNORM_API const char *bnorm_plan_schedule(const bnorm_plan *plan);
+/* Frees the plan; NULL is a no-op. */
+BNORM_API void bnorm_plan_destroy(bnorm_plan *plan);
 
 /* ---------------------------------------------------------------------------------------------
  * The layer: nn.BatchNorm1d / 2d / 3d (any rank), MegEngine BatchNorm, OneFlow FusedBatchNorm
@@ -332,6 +431,8 @@ typedef enum bnorm_momentum_mode {
 } bnorm_momentum_mode;
 
 typedef struct bnorm_layer_options {
+    size_t struct_size;            /* sizeof(bnorm_layer_options), or 0 (see the ABI policy); the
+                                      _default/_megengine functions set it */
     int64_t num_features;          /* C >= 1 */
     bnorm_dtype param_dtype;       /* F32 (data F32/F16/BF16) or F64 (data F64) */
     double eps;                    /* >= 0 */
@@ -356,8 +457,21 @@ typedef struct bnorm_layer bnorm_layer;
 BNORM_API bnorm_status bnorm_layer_create(const bnorm_layer_options *options, bnorm_layer **out);
 /* Frees the layer; NULL is a no-op. */
 BNORM_API void bnorm_layer_destroy(bnorm_layer *layer);
-/* The options the layer was created with (or last loaded). */
+/* The layer's current options. out->struct_size says how many bytes the caller's struct has (0: the
+ * ABI-1 size); that many are written. */
 BNORM_API bnorm_status bnorm_layer_get_options(const bnorm_layer *layer, bnorm_layer_options *out);
+
+/* Changes the hyper-parameters between steps, as PyTorch users assign bn.eps, bn.momentum (None:
+ * CUMULATIVE) or MegEngine's freeze: eps, momentum, momentum_mode, freeze and fused_relu are taken from
+ * options (validated as in bnorm_layer_create). The structure cannot change: num_features, param_dtype,
+ * affine and track_running_stats must equal the layer's (else SHAPE_MISMATCH). Parameters, buffers and
+ * gradients are kept; a forward saved before the change stays valid for its backward (it keeps the eps
+ * and mode it ran with), except that turning fused_relu on or off invalidates it (STATE). */
+BNORM_API bnorm_status bnorm_layer_set_options(bnorm_layer *layer, const bnorm_layer_options *options);
+
+/* Which parameter gradients the backward accumulates (PyTorch's requires_grad_ on weight and bias);
+ * both on at creation. Needs affine for a nonzero flag (else UNSUPPORTED). */
+BNORM_API bnorm_status bnorm_layer_set_requires_grad(bnorm_layer *layer, int weight, int bias);
 
 /* train(1) / eval(0). */
 BNORM_API bnorm_status bnorm_layer_set_training(bnorm_layer *layer, int training);
@@ -374,11 +488,36 @@ BNORM_API int bnorm_layer_is_training(const bnorm_layer *layer);
 BNORM_API bnorm_status bnorm_layer_forward(bnorm_layer *layer, const bnorm_desc *desc, const void *x,
                                            void *y, const void *addend);
 
-/* Backward of the last forward, which must have had the same desc. dx (may equal dy) and daddend
- * (fused only) are overwritten and optional (NULL). The weight and bias gradients are ACCUMULATED into
- * the layer's gradient buffers (zero them with bnorm_layer_zero_grad); none with freeze or !affine. */
+/* Backward of the last forward, which must have had the same desc and the same x pointer: a backward
+ * whose x is not the last forward's input fails with BNORM_STATUS_STATE (a layer used twice in one
+ * graph needs bnorm_layer_context; it never gets another forward's statistics silently). dx (may equal
+ * dy) and daddend (fused only) are overwritten and optional (NULL). The weight and bias gradients are
+ * ACCUMULATED into the layer's gradient buffers (zero them with bnorm_layer_zero_grad); none with
+ * freeze or !affine, and only those set_requires_grad leaves on. The batch mean is kept in full
+ * precision (hi + lo), so dx and the gradients are as accurate as the forward. */
 BNORM_API bnorm_status bnorm_layer_backward(bnorm_layer *layer, const bnorm_desc *desc, const void *x,
                                             const void *dy, void *dx, void *daddend);
+
+/* Saved contexts: what one forward leaves for its backward (statistics in full precision, the ReLU
+ * mask, the mode it ran in), for layers used several times before their backwards (weight sharing,
+ * siamese and recurrent networks): forward A with context a, forward B with b, then the backwards in
+ * any order. A context belongs to the layer it was created for (INVALID_ARGUMENT with another), grows
+ * to the largest shape it saw, and must be used by one thread at a time. A backward with a context no
+ * forward has filled fails with STATE. The plain forward/backward use a context inside the layer. */
+typedef struct bnorm_layer_context bnorm_layer_context;
+BNORM_API bnorm_status bnorm_layer_context_create(const bnorm_layer *layer, bnorm_layer_context **out);
+BNORM_API void bnorm_layer_context_destroy(bnorm_layer_context *ctx);
+BNORM_API bnorm_status bnorm_layer_forward_ctx(bnorm_layer *layer, bnorm_layer_context *ctx,
+                                               const bnorm_desc *desc, const void *x, void *y,
+                                               const void *addend);
+BNORM_API bnorm_status bnorm_layer_backward_ctx(bnorm_layer *layer, bnorm_layer_context *ctx,
+                                                const bnorm_desc *desc, const void *x, const void *dy,
+                                                void *dx, void *daddend);
+
+/* Threads of the layer's calls: num_threads 0 = the default (read at each call), threadpool NULL =
+ * OpenMP. The pool (copied) must outlive its use by the layer. */
+BNORM_API bnorm_status bnorm_layer_set_threads(bnorm_layer *layer, int num_threads,
+                                               const bnorm_threadpool *threadpool);
 
 /* weight = 1, bias = 0, and reset_running_stats. */
 BNORM_API bnorm_status bnorm_layer_reset_parameters(bnorm_layer *layer);

@@ -1,6 +1,11 @@
-/* dispatch.c - picks the kernel table by CPU features at first use; BNORM_ISA caps the choice. */
+/*
+ * dispatch.c - picks the kernel table by CPU features, once per process (CPUID traps to the
+ * hypervisor on a VM: detecting per call cost 10+ us, issue 16), with BNORM_ISA capping the choice;
+ * and the process-wide default thread count.
+ */
 #include "kernels.h"
 
+#include <stdatomic.h>
 #include <stdlib.h>
 
 #ifdef _OPENMP
@@ -17,7 +22,7 @@ static int bn_has_f16c(void) {
 }
 #endif
 
-static int bn_isa_supported(bnorm_isa isa) {
+static int bn_isa_probe(bnorm_isa isa) {
     switch (isa) {
     case BNORM_ISA_SCALAR: return 1;
 #if defined(BN_HAVE_AVX2) && (defined(__x86_64__) || defined(__i386__))
@@ -33,8 +38,22 @@ static int bn_isa_supported(bnorm_isa isa) {
     }
 }
 
-/* -1: not chosen yet. A plain int read and written whole; a race at first use picks the same value. */
-static volatile int bn_isa_current = -1;
+/* Bit i set: variant i is built and supported. -1: not probed yet. Probing twice (a race at first use)
+ * stores the same value, so a relaxed atomic is enough. */
+static atomic_int bn_isa_mask = -1;
+/* The variant in use; -1: not chosen yet. */
+static atomic_int bn_isa_current = -1;
+
+static int bn_isa_supported(bnorm_isa isa) {
+    int m = atomic_load_explicit(&bn_isa_mask, memory_order_relaxed);
+    if (m < 0) {
+        m = 0;
+        for (int i = BNORM_ISA_SCALAR; i <= BNORM_ISA_AVX512; i++)
+            if (bn_isa_probe((bnorm_isa)i)) m |= 1 << i;
+        atomic_store_explicit(&bn_isa_mask, m, memory_order_relaxed);
+    }
+    return (unsigned)isa <= BNORM_ISA_AVX512 && ((m >> isa) & 1);
+}
 
 static int bn_isa_detect(void) {
     int best = BNORM_ISA_SCALAR;
@@ -53,8 +72,12 @@ static int bn_isa_detect(void) {
 }
 
 bnorm_isa bnorm_get_isa(void) {
-    if (bn_isa_current < 0) bn_isa_current = bn_isa_detect();
-    return (bnorm_isa)bn_isa_current;
+    int cur = atomic_load_explicit(&bn_isa_current, memory_order_relaxed);
+    if (cur < 0) {
+        cur = bn_isa_detect();
+        atomic_store_explicit(&bn_isa_current, cur, memory_order_relaxed);
+    }
+    return (bnorm_isa)cur;
 }
 
 bnorm_status bnorm_set_isa(bnorm_isa isa) {
@@ -65,7 +88,7 @@ bnorm_status bnorm_set_isa(bnorm_isa isa) {
         return bn_fail(BNORM_STATUS_UNSUPPORTED, "bnorm_set_isa",
                        "isa = %s: not built into this library or not supported by this CPU",
                        bnorm_isa_name(isa));
-    bn_isa_current = (int)isa;
+    atomic_store_explicit(&bn_isa_current, (int)isa, memory_order_relaxed);
     return BNORM_STATUS_OK;
 }
 
@@ -93,15 +116,21 @@ const bn_kernels *bn_kernels_variant(bnorm_isa isa, bnorm_dtype dtype) {
 
 const bn_kernels *bn_kernels_for(bnorm_dtype dtype) { return bn_kernels_variant(bnorm_get_isa(), dtype); }
 
-static volatile int bn_threads_setting = 0;
+/* 0: no process-wide count set (the default applies). Read once per call (or plan), so a change from
+ * another thread takes effect at the next call and never in the middle of one. */
+static atomic_int bn_threads_setting = 0;
 
-void bnorm_set_num_threads(int n) { bn_threads_setting = n > 0 ? n : 0; }
+void bnorm_set_num_threads(int n) { atomic_store_explicit(&bn_threads_setting, n > 0 ? n : 0, memory_order_relaxed); }
 
 int bnorm_get_num_threads(void) {
-    int n = bn_threads_setting;
+    int n = atomic_load_explicit(&bn_threads_setting, memory_order_relaxed);
     if (n > 0) return n;
 #ifdef _OPENMP
-    return omp_get_num_procs();
+    /* what OpenMP says this caller wants (OMP_NUM_THREADS, omp_set_num_threads); one thread inside a
+       caller's parallel region, so a call per host thread does not oversubscribe */
+    if (omp_in_parallel()) return 1;
+    n = omp_get_max_threads();
+    return n > 0 ? n : 1;
 #else
     return 1;
 #endif

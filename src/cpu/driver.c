@@ -11,17 +11,14 @@
  *     rows and produces per-channel partials; they are merged in thread order (and, with a
  *     communicator, in rank order); phase 2 applies. Results depend on the thread count only.
  */
+#include "../core/plan.h"
 #include "kernels.h"
 #include "simd.h"
 
 #include <math.h>
 #include <stdlib.h>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
-enum { BN_HDR = 8, BN_OP_FORWARD = 1, BN_OP_BACKWARD = 2, BN_MAGIC = 0x626e6f72 };
 
 /* Outputs of at least this many bytes are written with streaming (non-temporal) stores: they do not
  * stay cached for the next layer anyway, and streaming saves the read-for-ownership of every output
@@ -40,13 +37,6 @@ static int bn_stream_output(const bn_geom *g) {
     return (double)g->numel * (double)g->esize >= (g->planes ? BN_STREAM_MIN_PLANES : BN_STREAM_MIN_ROWS);
 }
 
-static int bn_threads(void) {
-#ifdef _OPENMP
-    return bnorm_get_num_threads();
-#else
-    return 1;
-#endif
-}
 
 /* Small planes (channels-first planes under BN_SMALL_PLANE bytes: 7x7, 14x14) of float32/16/bf16 data
  * take the run schedules below: per-channel quantities expanded over a run of at most BN_RUN values.
@@ -62,24 +52,20 @@ static int bn_small_planes(const bn_geom *g, bnorm_dtype dt) {
 }
 
 /* Workspace in doubles: per thread 7C (+ the run scratch for small planes), shared 14C, communicator
- * (size + 1) * (HDR + 1 + 2C). */
-static size_t bn_ws_doubles(const bn_geom *g, bnorm_dtype dt, int nt, int comm_size) {
-    const size_t C = (size_t)g->C;
-    return (size_t)nt * 7 * C + 14 * C + (size_t)(comm_size + 1) * (BN_HDR + 1 + 2 * C) + 16 +
-           (bn_small_planes(g, dt) ? (size_t)nt * BN_RUN_SCRATCH + 8 : 0);
+ * (size + 1) * (HDR + 1 + 2C). Sizes were checked for overflow at plan time (bn_check_channel_sizes). */
+static void bn_ws_layout(bnorm_plan *p) {
+    const size_t C = (size_t)p->g.C;
+    const int cs = p->comm ? p->comm->size : 1;
+    const bnorm_dtype dt = p->op == BN_OP_FORWARD ? p->fa.desc.dtype : p->ba.desc.dtype;
+    const int run = bn_small_planes(&p->g, dt);
+    p->ws_per_thread = 7 * C + (run ? (size_t)BN_RUN_SCRATCH : 0);
+    p->ws_fixed = 14 * C + (size_t)(cs + 1) * (BN_HDR + 1 + 2 * C) + 16 + (run ? 8 : 0);
 }
 
-size_t bnorm_workspace_size(const bnorm_desc *desc, int comm_size) {
-    bn_geom g = {0};
-    if (bn_geom_init("bnorm_workspace_size", "desc", desc, &g) != BNORM_STATUS_OK) return 0;
-    if (comm_size < 1) comm_size = 1;
-    return bn_ws_doubles(&g, desc->dtype, bn_threads(), comm_size) * sizeof(double);
-}
-
-/* A bump allocator over the caller's or our own workspace. */
+/* A bump allocator over the execution's workspace. */
 typedef struct bn_arena {
-    double *base, *owned;
-    size_t cap, used;
+    double *base;
+    size_t used;
 } bn_arena;
 
 static double *bn_take(bn_arena *a, size_t n) {
@@ -88,33 +74,12 @@ static double *bn_take(bn_arena *a, size_t n) {
     return p;
 }
 
-static bnorm_status bn_arena_open(bn_arena *a, const char *func, void *ws, size_t ws_size, size_t need) {
-    a->owned = NULL;
-    a->base = NULL;
-    a->used = 0;
-    a->cap = need;
-    if (ws) {
-        if (ws_size < need * sizeof(double))
-            return bn_fail(BNORM_STATUS_INVALID_ARGUMENT, func,
-                           "workspace_size = %zu: must be >= %zu (bnorm_workspace_size)", ws_size,
-                           need * sizeof(double));
-        a->base = (double *)ws;
-        if ((uintptr_t)ws % sizeof(double))
-            return bn_fail(BNORM_STATUS_INVALID_ARGUMENT, func, "workspace must be 8-byte aligned");
-        return BNORM_STATUS_OK;
-    }
-    a->owned = (double *)malloc(need * sizeof(double));
-    if (!a->owned)
-        return bn_fail(BNORM_STATUS_OUT_OF_MEMORY, func, "cannot allocate %zu bytes of workspace",
-                       need * sizeof(double));
-    a->base = a->owned;
-    return BNORM_STATUS_OK;
-}
-
-/* Contiguous range [lo, hi) of `total` items for logical thread t of nt. */
+/* Contiguous range [lo, hi) of `total` items for logical thread t of nt: floor(total * t / nt),
+ * computed without overflow (r * t < nt^2). */
 static void bn_range(int64_t total, int t, int nt, int64_t *lo, int64_t *hi) {
-    *lo = (int64_t)((__int128)total * t / nt);
-    *hi = (int64_t)((__int128)total * (t + 1) / nt);
+    const int64_t q = total / nt, r = total % nt;
+    *lo = q * t + r * t / nt;
+    *hi = q * (t + 1) + r * (t + 1) / nt;
 }
 
 /* Compute-type arrays: float for F32/F16/BF16 data, double for F64. */
@@ -135,65 +100,13 @@ static void bn_ka_set_mean(void *hi, void *lo, int dbl, int64_t i, double v) {
     }
 }
 
-static bnorm_status bn_check_comm(const char *func, const bnorm_comm *c) {
-    if (c->size < 1 || c->rank < 0 || c->rank >= c->size)
-        return bn_fail(BNORM_STATUS_INVALID_ARGUMENT, func, "comm rank = %d, size = %d: need 0 <= rank < size",
-                       c->rank, c->size);
-    if (!c->allgather) return bn_fail(BNORM_STATUS_NULL_POINTER, func, "comm->allgather is NULL");
-    return BNORM_STATUS_OK;
-}
-
-static void bn_fill_header(double *h, int op, const bnorm_desc *d, int flags) {
-    h[0] = BN_MAGIC;
-    h[1] = op;
-    h[2] = (double)d->dims[1];
-    h[3] = d->dtype;
-    h[4] = d->layout;
-    h[5] = flags;
-    h[6] = 0;
-    h[7] = 0;
-}
-
-/* Checks that every rank's header (at stride `stride` in recv) equals ours. */
-static bnorm_status bn_compare_headers(const char *func, const bnorm_comm *c, const double *recv,
-                                       size_t stride, const double *mine) {
-    static const char *what[BN_HDR] = {"protocol", "operation (forward/backward)", "C", "dtype", "layout",
-                                       "mode flags", "reserved", "reserved"};
-    for (int r = 0; r < c->size; r++) {
-        const double *h = recv + (size_t)r * stride;
-        for (int i = 0; i < BN_HDR; i++)
-            if (h[i] != mine[i])
-                return bn_fail(BNORM_STATUS_COMM_MISMATCH, func,
-                               "rank %d and rank %d disagree on the %s (%g vs %g): every rank must make "
-                               "the same call with the same C, dtype, layout and mode",
-                               c->rank, r, what[i], mine[i], h[i]);
-    }
-    return BNORM_STATUS_OK;
-}
-
-/* One exchange: optional header-only validation, then the all-gather of header + payload. */
-static bnorm_status bn_exchange(const char *func, const bnorm_comm *c, double *send, size_t count,
-                                double *recv) {
-    char msg[512];
-    if (c->validate) {
-        msg[0] = '\0';
-        if (c->allgather(c->ctx, send, BN_HDR, recv, msg, sizeof msg) != 0)
-            return bn_fail(BNORM_STATUS_COMM, func, "all-gather failed: %s", msg[0] ? msg : "(no message)");
-        bnorm_status st = bn_compare_headers(func, c, recv, BN_HDR, send);
-        if (st) return st;
-    }
-    msg[0] = '\0';
-    if (c->allgather(c->ctx, send, (int64_t)count, recv, msg, sizeof msg) != 0)
-        return bn_fail(BNORM_STATUS_COMM, func, "all-gather failed: %s", msg[0] ? msg : "(no message)");
-    return bn_compare_headers(func, c, recv, count, send);
-}
-
 /* ------------------------------------------------------------------------------------------- */
 /* Forward                                                                                      */
 /* ------------------------------------------------------------------------------------------- */
 
 typedef struct bn_fwd_ctx {
     const bnorm_forward_args *a;
+    const bn_exec *ex;
     const bn_kernels *k;
     bn_geom g;
     bnorm_dtype pd;
@@ -205,20 +118,7 @@ typedef struct bn_fwd_ctx {
 /* Statistics of channel c are final: write saved/running outputs, return mean and scale/shift. */
 static void bn_fwd_finalize_channel(const bn_fwd_ctx *f, int64_t c, double n, double mean, double m2,
                                     double *scale, double *shift) {
-    const bnorm_forward_args *a = f->a;
-    double var = m2 / n;
-    double invstd = bn_invstd(var, a->eps);
-    if (a->save_mean) bn_param_set(a->save_mean, f->pd, c, mean);
-    if (a->save_invstd) bn_param_set(a->save_invstd, f->pd, c, invstd);
-    if (a->running_mean) {
-        double al = a->momentum;
-        double rm = bn_param_get(a->running_mean, f->pd, c), rv = bn_param_get(a->running_var, f->pd, c);
-        bn_param_set(a->running_mean, f->pd, c, (1 - al) * rm + al * mean);
-        bn_param_set(a->running_var, f->pd, c, (1 - al) * rv + al * (m2 / (n - 1)));
-    }
-    double w = a->weight ? bn_param_get(a->weight, f->pd, c) : 1.0;
-    *scale = w * invstd;
-    *shift = a->bias ? bn_param_get(a->bias, f->pd, c) : 0.0;
+    bn_fwd_finalize(f->a, f->pd, c, n, mean, m2, scale, shift);
 }
 
 static const char *bn_at(const void *p, int64_t elems, size_t es) {
@@ -299,16 +199,6 @@ static inline void bn_prefetch_run(const void *p, size_t bytes) {
 #ifndef BN_PREFETCH_AHEAD /* runs prefetched ahead of the statistics pass (compile-time knob) */
 #define BN_PREFETCH_AHEAD 2
 #endif
-
-/* This thread's share [lo, hi) of C channels inside a parallel region. */
-static void bn_thread_channels(int64_t C, int64_t *lo, int64_t *hi) {
-    int t = 0, n = 1;
-#ifdef _OPENMP
-    t = omp_get_thread_num();
-    n = omp_get_num_threads();
-#endif
-    bn_range(C, t, n, lo, hi);
-}
 
 #ifndef BN_OVERLAP /* 1: statistics of the next block interleaved with the normalization of this one */
 #define BN_OVERLAP 1
@@ -428,7 +318,17 @@ static void bn_block_stats_end(const bn_fwd_ctx *f, bn_block_stats *bs, int64_t 
     }
 }
 
-static void bn_fwd_channel_schedule(const bn_fwd_ctx *f, int nt) {
+/* the environment of bn_fwd_channel_schedule's per-thread task */
+typedef struct bn_fwd_channel_schedule_env {
+    const bn_fwd_ctx *f;
+    int nt;
+} bn_fwd_channel_schedule_env;
+
+static void bn_fwd_channel_schedule_task(void *env_, int t) {
+    const bn_fwd_channel_schedule_env *e_ = (const bn_fwd_channel_schedule_env *)env_;
+    const bn_fwd_ctx *f = e_->f;
+    int nt = e_->nt;
+    (void)f; (void)nt;
     const bn_geom *g = &f->g;
     const bnorm_forward_args *a = f->a;
     int64_t cb = bn_block_channels(g, 1, f->stream);
@@ -439,20 +339,19 @@ static void bn_fwd_channel_schedule(const bn_fwd_ctx *f, int nt) {
     /* Streaming plane by plane would leave partial cache lines at every plane boundary of small planes
      * (each one a read-modify-write in DRAM); such runs are staged and streamed as one piece. */
     const size_t run_bytes = bn_stage_plane_bytes(g, cb, f->stream);
-#pragma omp parallel num_threads(nt)
     {
         BN_ALIGN64 unsigned char stage[BN_STAGE_BYTES];
         bn_block_stats sa, sb, *cur = &sa, *nxt = &sb; /* this block's statistics, the next block's */
         double scale[BN_BLOCK_MAX], shift[BN_BLOCK_MAX];
         int64_t lo, hi;
         int have_next = 0;
-        bn_thread_channels(g->C, &lo, &hi);
+        bn_range(g->C, t, nt, &lo, &hi);
         for (int64_t c0 = lo; c0 < hi; c0 += cb) {
             const int64_t nc = hi - c0 < cb ? hi - c0 : cb;
             if (have_next) { /* gathered while the previous block was normalized */
-                bn_block_stats *t = cur;
+                bn_block_stats *sw = cur;
                 cur = nxt;
-                nxt = t;
+                nxt = sw;
             } else {
                 bn_block_stats_begin(f, cur, c0, nc);
                 for (int64_t o = 0; o < g->outer; o++) {
@@ -522,6 +421,11 @@ static void bn_fwd_channel_schedule(const bn_fwd_ctx *f, int nt) {
     }
 }
 
+static void bn_fwd_channel_schedule(const bn_fwd_ctx *f, int nt) {
+    bn_fwd_channel_schedule_env env_ = {f, nt};
+    bn_exec_run(f->ex, bn_fwd_channel_schedule_task, &env_);
+}
+
 /* Per-thread scratch of the run schedules, carved 64-byte aligned out of BN_RUN_SCRATCH doubles. */
 typedef struct bn_run_scratch {
     double *s1, *s2;                     /* element-wise sums of a channel block */
@@ -558,13 +462,9 @@ static bn_run_scratch bn_run_scratch_at(double *base, int t) {
     return r;
 }
 
-/* Inside a parallel region: this thread's scratch and its share [lo, hi) of the C channels. */
-static bn_run_scratch bn_run_thread(double *scratch, int64_t C, int64_t *lo, int64_t *hi) {
-    int t = 0;
-#ifdef _OPENMP
-    t = omp_get_thread_num();
-#endif
-    bn_thread_channels(C, lo, hi);
+/* Logical thread t of nt: its scratch and its share [lo, hi) of the C channels. */
+static bn_run_scratch bn_run_thread(double *scratch, int64_t C, int t, int nt, int64_t *lo, int64_t *hi) {
+    bn_range(C, t, nt, lo, hi);
     return bn_run_scratch_at(scratch, t);
 }
 
@@ -635,8 +535,25 @@ static void bn_run_stats_advance(const bn_fwd_ctx *f, const bn_run_scratch *r, b
  * overlap; two blocks then share the L2, each half the size. Results do not depend on the block size
  * or the thread count. A channel whose sums are not finite is redone plane by plane (seg_stats, as the
  * plane schedule does). Inference: coefficients from mean/scale/shift (double[C]). */
-static void bn_fwd_run_schedule(const bn_fwd_ctx *f, int nt, double *scratch, const double *imean,
-                                 const double *iscale, const double *ishift) {
+/* the environment of bn_fwd_run_schedule's per-thread task */
+typedef struct bn_fwd_run_schedule_env {
+    const bn_fwd_ctx *f;
+    int nt;
+    double *scratch;
+    const double *imean;
+    const double *iscale;
+    const double *ishift;
+} bn_fwd_run_schedule_env;
+
+static void bn_fwd_run_schedule_task(void *env_, int t) {
+    const bn_fwd_run_schedule_env *e_ = (const bn_fwd_run_schedule_env *)env_;
+    const bn_fwd_ctx *f = e_->f;
+    int nt = e_->nt;
+    double *scratch = e_->scratch;
+    const double *imean = e_->imean;
+    const double *iscale = e_->iscale;
+    const double *ishift = e_->ishift;
+    (void)f; (void)nt; (void)scratch; (void)imean; (void)iscale; (void)ishift;
     const bn_geom *g = &f->g;
     const bnorm_forward_args *a = f->a;
     const int64_t inner = g->inner, C = g->C;
@@ -646,10 +563,9 @@ static void bn_fwd_run_schedule(const bn_fwd_ctx *f, int nt, double *scratch, co
        planes of a large batch), where the shorter strided runs cost more than the overlap gains */
     const int overlap = BN_INTERLEAVE && !imean && cb > 1 && (size_t)(cb / 2 * inner) * es >= 2048;
     if (overlap) cb /= 2;
-#pragma omp parallel num_threads(nt)
     {
         int64_t lo, hi;
-        bn_run_scratch r = bn_run_thread(scratch, C, &lo, &hi);
+        bn_run_scratch r = bn_run_thread(scratch, C, t, nt, &lo, &hi);
         int have_next = 0;
         for (int64_t c0 = lo; c0 < hi; c0 += cb) {
             const int64_t nc = hi - c0 < cb ? hi - c0 : cb, n = nc * inner;
@@ -735,15 +651,37 @@ static void bn_fwd_run_schedule(const bn_fwd_ctx *f, int nt, double *scratch, co
     }
 }
 
+static void bn_fwd_run_schedule(const bn_fwd_ctx *f, int nt, double *scratch, const double *imean,
+                                 const double *iscale, const double *ishift) {
+    bn_fwd_run_schedule_env env_ = {f, nt, scratch, imean, iscale, ishift};
+    bn_exec_run(f->ex, bn_fwd_run_schedule_task, &env_);
+}
+
 /* Phase 1 of the split schedule: per-thread partial moments, merged in thread order into
  * (gn, gmean[C], gm2[C]). Per-thread space: 7C doubles at part. */
-static void bn_fwd_partials(const bn_fwd_ctx *f, int nt, double *part, double *gn, double *gmean,
-                            double *gm2) {
+/* the environment of bn_fwd_partials's per-thread task */
+typedef struct bn_fwd_partials_env {
+    const bn_fwd_ctx *f;
+    int nt;
+    double *part;
+    double *gn;
+    double *gmean;
+    double *gm2;
+} bn_fwd_partials_env;
+
+static void bn_fwd_partials_task(void *env_, int t) {
+    const bn_fwd_partials_env *e_ = (const bn_fwd_partials_env *)env_;
+    const bn_fwd_ctx *f = e_->f;
+    int nt = e_->nt;
+    double *part = e_->part;
+    double *gn = e_->gn;
+    double *gmean = e_->gmean;
+    double *gm2 = e_->gm2;
+    (void)f; (void)nt; (void)part; (void)gn; (void)gmean; (void)gm2;
     const bn_geom *g = &f->g;
     const int64_t C = g->C;
     const char *x = (const char *)f->a->x;
-#pragma omp parallel for schedule(static, 1) num_threads(nt)
-    for (int t = 0; t < nt; t++) {
+    {
         double *pn = part + (size_t)t * 7 * C, *pmean = pn + C, *pm2 = pmean + C;
         for (int64_t c = 0; c < C; c++) pn[c] = pmean[c] = pm2[c] = 0;
         int64_t lo, hi;
@@ -793,6 +731,14 @@ static void bn_fwd_partials(const bn_fwd_ctx *f, int nt, double *part, double *g
             }
         }
     }
+}
+
+static void bn_fwd_partials(const bn_fwd_ctx *f, int nt, double *part, double *gn, double *gmean,
+                            double *gm2) {
+    const bn_geom *g = &f->g;
+    const int64_t C = g->C;
+    bn_fwd_partials_env env_ = {f, nt, part, gn, gmean, gm2};
+    bn_exec_run(f->ex, bn_fwd_partials_task, &env_);
     for (int64_t c = 0; c < C; c++) {
         bn_moments mo = {0, 0, 0};
         for (int t = 0; t < nt; t++) {
@@ -805,14 +751,35 @@ static void bn_fwd_partials(const bn_fwd_ctx *f, int nt, double *part, double *g
 
 /* Phase 2 of the split schedule, and inference. coef: mean, scale, shift as double[C] (masked planes)
  * and as compute-type arrays ka_mean/ka_mlo/ka_scale/ka_shift (rows, and planes without a mask). */
-static void bn_fwd_apply_split(const bn_fwd_ctx *f, int nt, const double *mean, const double *scale,
-                               const double *shift, const void *ka_mean, const void *ka_mlo,
-                               const void *ka_scale, const void *ka_shift) {
+/* the environment of bn_fwd_apply_split's per-thread task */
+typedef struct bn_fwd_apply_split_env {
+    const bn_fwd_ctx *f;
+    int nt;
+    const double *mean;
+    const double *scale;
+    const double *shift;
+    const void *ka_mean;
+    const void *ka_mlo;
+    const void *ka_scale;
+    const void *ka_shift;
+} bn_fwd_apply_split_env;
+
+static void bn_fwd_apply_split_task(void *env_, int t) {
+    const bn_fwd_apply_split_env *e_ = (const bn_fwd_apply_split_env *)env_;
+    const bn_fwd_ctx *f = e_->f;
+    int nt = e_->nt;
+    const double *mean = e_->mean;
+    const double *scale = e_->scale;
+    const double *shift = e_->shift;
+    const void *ka_mean = e_->ka_mean;
+    const void *ka_mlo = e_->ka_mlo;
+    const void *ka_scale = e_->ka_scale;
+    const void *ka_shift = e_->ka_shift;
+    (void)f; (void)nt; (void)mean; (void)scale; (void)shift; (void)ka_mean; (void)ka_mlo; (void)ka_scale; (void)ka_shift;
     const bn_geom *g = &f->g;
     const bnorm_forward_args *a = f->a;
     const int64_t C = g->C;
-#pragma omp parallel for schedule(static, 1) num_threads(nt)
-    for (int t = 0; t < nt; t++) {
+    {
         int64_t lo, hi;
         if (g->planes) {
             bn_range(g->outer * C, t, nt, &lo, &hi);
@@ -841,7 +808,7 @@ static void bn_fwd_apply_split(const bn_fwd_ctx *f, int nt, const double *mean, 
             }
         } else {
             bn_range(g->outer, t, nt, &lo, &hi);
-            if (hi <= lo) continue;
+            if (hi <= lo) return;
             /* after the statistics pass (training), the rows read last are still in this core's caches:
                apply in pieces of about 64 KiB from the end of the range back */
             int64_t piece = a->training ? (int64_t)(65536 / ((size_t)C * g->esize)) : hi - lo;
@@ -859,62 +826,80 @@ static void bn_fwd_apply_split(const bn_fwd_ctx *f, int nt, const double *mean, 
     }
 }
 
-static bnorm_status bn_fwd_validate(const bnorm_forward_args *a, bn_geom *g) {
-    static const char *F = "bnorm_forward";
-    if (!a) return bn_fail(BNORM_STATUS_NULL_POINTER, F, "args is NULL");
-    bnorm_status st = bn_geom_init(F, "args->desc", &a->desc, g);
-    if (st) return st;
-    if (g->numel > 0 && !a->x) return bn_fail(BNORM_STATUS_NULL_POINTER, F, "args->x is NULL");
-    if (g->numel > 0 && !a->y) return bn_fail(BNORM_STATUS_NULL_POINTER, F, "args->y is NULL");
-    if (!(a->eps >= 0) || isinf(a->eps))
-        return bn_fail(BNORM_STATUS_INVALID_ARGUMENT, F, "args->eps = %g: must be finite and >= 0", a->eps);
-    if (a->training) {
-        if (!a->running_mean != !a->running_var)
-            return bn_fail(BNORM_STATUS_INVALID_ARGUMENT, F,
-                           "running_mean is %s but running_var is %s: pass both or neither",
-                           a->running_mean ? "set" : "NULL", a->running_var ? "set" : "NULL");
-        if (a->running_mean && !(a->momentum >= 0 && a->momentum <= 1))
-            return bn_fail(BNORM_STATUS_INVALID_ARGUMENT, F, "args->momentum = %g: must be in [0, 1]",
-                           a->momentum);
-        if (a->comm) {
-            st = bn_check_comm(F, a->comm);
-            if (st) return st;
-        }
-    } else {
-        if (!a->running_mean || !a->running_var)
-            return bn_fail(BNORM_STATUS_NULL_POINTER, F,
-                           "inference (training = 0) needs running_mean and running_var");
-        if (a->save_mean || a->save_invstd)
-            return bn_fail(BNORM_STATUS_INVALID_ARGUMENT, F,
-                           "save_mean/save_invstd are training outputs; pass NULL in inference");
-    }
-    if (a->relu_mask && !a->relu)
-        return bn_fail(BNORM_STATUS_INVALID_ARGUMENT, F, "relu_mask is set but relu = 0");
-    return BNORM_STATUS_OK;
+static void bn_fwd_apply_split(const bn_fwd_ctx *f, int nt, const double *mean, const double *scale,
+                               const double *shift, const void *ka_mean, const void *ka_mlo,
+                               const void *ka_scale, const void *ka_shift) {
+    bn_fwd_apply_split_env env_ = {f, nt, mean, scale, shift, ka_mean, ka_mlo, ka_scale, ka_shift};
+    bn_exec_run(f->ex, bn_fwd_apply_split_task, &env_);
 }
 
-bnorm_status bnorm_forward(const bnorm_forward_args *a) {
+/* Schedules, chosen at plan time. */
+enum {
+    BN_SCHED_EMPTY = 0,  /* nothing to compute or write */
+    BN_SCHED_INFER_RUN,  /* inference with a mask on small planes: the run schedule */
+    BN_SCHED_INFER_FLAT, /* inference: one flat walk per thread */
+    BN_SCHED_RUN,        /* training, small planes, channel-owning threads */
+    BN_SCHED_CHANNEL,    /* training, planes, channel-owning threads */
+    BN_SCHED_SPLIT       /* statistics per thread range, merged, then applied (rows, communicator) */
+};
+static const char *const bn_sched_names[] = {"empty", "inference-run", "inference-flat", "run", "channel", "split"};
+
+static void bn_plan_set(bnorm_plan *p, int sched) {
+    p->sched = sched;
+    p->sched_name = bn_sched_names[sched];
+}
+
+void bn_cpu_plan_forward(bnorm_plan *p) {
+    const bnorm_forward_args *a = &p->fa;
+    const bn_geom *g = &p->g;
+    const int nt = p->ex.nt;
+    p->isa = bnorm_get_isa();
+    p->k = bn_kernels_variant(p->isa, a->desc.dtype);
+    bn_ws_layout(p);
+    if (!a->training) {
+        if (g->numel == 0) bn_plan_set(p, BN_SCHED_EMPTY);
+        else if (a->relu_mask && bn_small_planes(g, a->desc.dtype) && g->C >= nt) bn_plan_set(p, BN_SCHED_INFER_RUN);
+        else bn_plan_set(p, BN_SCHED_INFER_FLAT);
+    } else if (p->comm) {
+        bn_plan_set(p, BN_SCHED_SPLIT);
+    } else if (g->m == 0) {
+        bn_plan_set(p, BN_SCHED_EMPTY);
+    } else if (g->planes && g->C >= nt && bn_small_planes(g, a->desc.dtype)) {
+        bn_plan_set(p, BN_SCHED_RUN);
+    } else if (g->planes && g->C >= nt) {
+        bn_plan_set(p, BN_SCHED_CHANNEL);
+    } else {
+        bn_plan_set(p, BN_SCHED_SPLIT);
+    }
+}
+
+static void bn_fwd_ctx_init(bn_fwd_ctx *f, const bnorm_plan *p, const bnorm_forward_args *a) {
+    f->a = a;
+    f->ex = &p->ex;
+    f->k = p->k;
+    f->g = p->g;
+    f->pd = p->pd;
+    f->dbl = a->desc.dtype == BNORM_DTYPE_F64;
+    f->mask_stride = bn_mask_stride(&f->g);
+    f->stream = bn_stream_output(&f->g);
+}
+
+bnorm_status bn_cpu_forward(const bnorm_plan *p, const bnorm_forward_args *a, double *ws) {
     static const char *F = "bnorm_forward";
-    bn_clear_error();
     bn_fwd_ctx f;
-    bnorm_status st = bn_fwd_validate(a, &f.g);
-    if (st) return st;
-    f.a = a;
-    f.k = bn_kernels_for(a->desc.dtype);
-    f.pd = bnorm_param_dtype(a->desc.dtype);
-    f.dbl = a->desc.dtype == BNORM_DTYPE_F64;
-    f.mask_stride = bn_mask_stride(&f.g);
-    f.stream = bn_stream_output(&f.g);
+    bn_fwd_ctx_init(&f, p, a);
     const bn_geom *g = &f.g;
     const int64_t C = g->C;
-    const int nt = bn_threads();
-    const bnorm_comm *comm = a->training ? a->comm : NULL;
+    const int nt = p->ex.nt;
+    const bnorm_comm *comm = p->comm;
+    bn_arena ar = {ws, 0};
 
-    if (!a->training) { /* inference: coefficients from the running statistics */
-        if (g->numel == 0) return BNORM_STATUS_OK;
-        bn_arena ar;
-        st = bn_arena_open(&ar, F, a->workspace, a->workspace_size, bn_ws_doubles(g, a->desc.dtype, nt, 1));
-        if (st) return st;
+    switch (p->sched) {
+    case BN_SCHED_EMPTY: return BNORM_STATUS_OK; /* empty batch: nothing to compute or update */
+    case BN_SCHED_RUN: bn_fwd_run_schedule(&f, nt, bn_take(&ar, (size_t)nt * BN_RUN_SCRATCH), NULL, NULL, NULL); return BNORM_STATUS_OK;
+    case BN_SCHED_CHANNEL: bn_fwd_channel_schedule(&f, nt); return BNORM_STATUS_OK;
+    case BN_SCHED_INFER_RUN:
+    case BN_SCHED_INFER_FLAT: { /* inference: coefficients from the running statistics */
         double *mean = bn_take(&ar, C), *scale = bn_take(&ar, C), *shift = bn_take(&ar, C);
         double *km = bn_take(&ar, C), *kml = bn_take(&ar, C), *ks = bn_take(&ar, C), *kb = bn_take(&ar, C);
         for (int64_t c = 0; c < C; c++) {
@@ -928,38 +913,15 @@ bnorm_status bnorm_forward(const bnorm_forward_args *a) {
         }
         /* planes without a mask: one flat walk per thread (apply_split); with a mask, small planes
            take the run schedule (its bits start on a byte per plane) */
-        if (a->relu_mask && bn_small_planes(g, a->desc.dtype) && C >= nt)
+        if (p->sched == BN_SCHED_INFER_RUN)
             bn_fwd_run_schedule(&f, nt, bn_take(&ar, (size_t)nt * BN_RUN_SCRATCH), mean, scale, shift);
         else
             bn_fwd_apply_split(&f, nt, mean, scale, shift, km, kml, ks, kb);
-        free(ar.owned);
         return BNORM_STATUS_OK;
     }
-
-    if (!comm) {
-        if (g->m == 0) return BNORM_STATUS_OK; /* empty batch: nothing to compute or update */
-        if (g->m == 1)
-            return bn_fail(BNORM_STATUS_BATCH_TOO_SMALL, F,
-                           "expected more than 1 value per channel when training, got input of %lld "
-                           "value(s) per channel (N * spatial)",
-                           (long long)g->m);
-        if (g->planes && C >= nt && bn_small_planes(g, a->desc.dtype)) {
-            bn_arena ar;
-            st = bn_arena_open(&ar, F, a->workspace, a->workspace_size, bn_ws_doubles(g, a->desc.dtype, nt, 1));
-            if (st) return st;
-            bn_fwd_run_schedule(&f, nt, bn_take(&ar, (size_t)nt * BN_RUN_SCRATCH), NULL, NULL, NULL);
-            free(ar.owned);
-            return BNORM_STATUS_OK;
-        }
-        if (g->planes && C >= nt) {
-            bn_fwd_channel_schedule(&f, nt);
-            return BNORM_STATUS_OK;
-        }
+    default: break;
     }
 
-    bn_arena ar;
-    st = bn_arena_open(&ar, F, a->workspace, a->workspace_size, bn_ws_doubles(g, a->desc.dtype, nt, comm ? comm->size : 1));
-    if (st) return st;
     double *part = bn_take(&ar, (size_t)nt * 7 * C);
     double *gn = bn_take(&ar, C), *gmean = bn_take(&ar, C), *gm2 = bn_take(&ar, C);
     double *scale = bn_take(&ar, C), *shift = bn_take(&ar, C);
@@ -979,8 +941,8 @@ bnorm_status bnorm_forward(const bnorm_forward_args *a) {
             send[BN_HDR + 1 + c] = gmean[c];
             send[BN_HDR + 1 + C + c] = gm2[c];
         }
-        st = bn_exchange(F, comm, send, cnt, recv);
-        if (st) { free(ar.owned); return st; }
+        bnorm_status st = bn_exchange(F, comm, send, cnt, recv);
+        if (st) return st;
         n_total = 0;
         for (int r = 0; r < comm->size; r++) n_total += recv[(size_t)r * cnt + BN_HDR];
         for (int64_t c = 0; c < C; c++) {
@@ -991,13 +953,11 @@ bnorm_status bnorm_forward(const bnorm_forward_args *a) {
             }
             gn[c] = mo.n; gmean[c] = mo.mean; gm2[c] = mo.m2;
         }
-        if (n_total == 0) { free(ar.owned); return BNORM_STATUS_OK; }
-        if (n_total == 1) {
-            free(ar.owned);
+        if (n_total == 0) return BNORM_STATUS_OK;
+        if (n_total == 1)
             return bn_fail(BNORM_STATUS_BATCH_TOO_SMALL, F,
                            "expected more than 1 value per channel when training, got 1 value per channel "
                            "over all %d ranks of the group", comm->size);
-        }
     }
     for (int64_t c = 0; c < C; c++) {
         bn_fwd_finalize_channel(&f, c, n_total, gmean[c], gm2[c], &scale[c], &shift[c]);
@@ -1006,7 +966,6 @@ bnorm_status bnorm_forward(const bnorm_forward_args *a) {
         bn_ka_set(kb, f.dbl, c, shift[c]);
     }
     if (g->m > 0) bn_fwd_apply_split(&f, nt, gmean, scale, shift, km, kml, ks, kb);
-    free(ar.owned);
     return BNORM_STATUS_OK;
 }
 
@@ -1016,6 +975,7 @@ bnorm_status bnorm_forward(const bnorm_forward_args *a) {
 
 typedef struct bn_bwd_ctx {
     const bnorm_backward_args *a;
+    const bn_exec *ex;
     const bn_kernels *k;
     bn_geom g;
     bnorm_dtype pd;
@@ -1028,33 +988,14 @@ typedef struct bn_bwd_ctx {
     const void *ax;
 } bn_bwd_ctx;
 
-static double bn_bwd_mean(const bn_bwd_ctx *b, int64_t c) { return bn_param_get(b->a->mean, b->pd, c); }
-
-static double bn_bwd_invstd(const bn_bwd_ctx *b, int64_t c) {
-    const bnorm_backward_args *a = b->a;
-    return a->invstd ? bn_param_get(a->invstd, b->pd, c) : bn_invstd(bn_param_get(a->var, b->pd, c), a->eps);
-}
-
-/* Writes dweight/dbias of channel c from its (local) sums. */
+static double bn_bwd_mean(const bn_bwd_ctx *b, int64_t c) { return bn_bwd_mean_of(b->a, b->pd, c); }
+static double bn_bwd_invstd(const bn_bwd_ctx *b, int64_t c) { return bn_bwd_invstd_of(b->a, b->pd, c); }
 static void bn_bwd_param_grads(const bn_bwd_ctx *b, int64_t c, double sg, double sgx, double invstd) {
-    const bnorm_backward_args *a = b->a;
-    if (a->dweight)
-        bn_param_set(a->dweight, b->pd, c, (a->accumulate ? bn_param_get(a->dweight, b->pd, c) : 0) + sgx * invstd);
-    if (a->dbias) bn_param_set(a->dbias, b->pd, c, (a->accumulate ? bn_param_get(a->dbias, b->pd, c) : 0) + sg);
+    bn_bwd_param_grads_of(b->a, b->pd, c, sg, sgx, invstd);
 }
-
-/* dx = g * k1 - k2 - (x - mean) * k3 from the global sums of channel c. */
 static void bn_bwd_coefs(const bn_bwd_ctx *b, int64_t c, double sg, double sgx, double invstd, double *k1,
                          double *k2, double *k3) {
-    const bnorm_backward_args *a = b->a;
-    double w = a->weight ? bn_param_get(a->weight, b->pd, c) : 1.0;
-    *k1 = w * invstd;
-    if (a->use_global_stats || b->n_total <= 0) {
-        *k2 = *k3 = 0;
-    } else {
-        *k2 = *k1 * sg / b->n_total;
-        *k3 = *k1 * invstd * invstd * sgx / b->n_total;
-    }
+    bn_bwd_coefs_of(b->a, b->pd, c, b->n_total, sg, sgx, invstd, k1, k2, k3);
 }
 
 static void bn_bwd_apply_plane_to(const bn_bwd_ctx *b, int64_t p, void *dx, void *dadd, int stream, double mean,
@@ -1122,7 +1063,19 @@ static void bn_bwd_eval_block(const bn_bwd_ctx *b, int64_t c0, int64_t nc, int n
         for (int64_t j = 0; j < nc; j++) bn_bwd_param_grads(b, c0 + j, sg[j], sgx[j], invstd[j]);
 }
 
-static void bn_bwd_channel_schedule(const bn_bwd_ctx *b, int nt, int need_sums) {
+/* the environment of bn_bwd_channel_schedule's per-thread task */
+typedef struct bn_bwd_channel_schedule_env {
+    const bn_bwd_ctx *b;
+    int nt;
+    int need_sums;
+} bn_bwd_channel_schedule_env;
+
+static void bn_bwd_channel_schedule_task(void *env_, int t) {
+    const bn_bwd_channel_schedule_env *e_ = (const bn_bwd_channel_schedule_env *)env_;
+    const bn_bwd_ctx *b = e_->b;
+    int nt = e_->nt;
+    int need_sums = e_->need_sums;
+    (void)b; (void)nt; (void)need_sums;
     const bn_geom *g = &b->g;
     const bnorm_backward_args *a = b->a;
     int64_t cb = bn_block_channels(g, 2, b->stream);
@@ -1131,7 +1084,6 @@ static void bn_bwd_channel_schedule(const bn_bwd_ctx *b, int nt, int need_sums) 
                         (size_t)g->inner * g->esize >= BN_STAGE_PLANE_MAX;
     if (overlap && cb > 1) cb /= 2;
     const size_t run_bytes = bn_stage_plane_bytes(g, cb, b->stream);
-#pragma omp parallel num_threads(nt)
     {
         BN_ALIGN64 unsigned char sdx[BN_STAGE_BYTES], sda[BN_STAGE_BYTES];
         double mean[BN_BLOCK_MAX], k1[BN_BLOCK_MAX], k2[BN_BLOCK_MAX], k3[BN_BLOCK_MAX];
@@ -1139,7 +1091,7 @@ static void bn_bwd_channel_schedule(const bn_bwd_ctx *b, int nt, int need_sums) 
         double nmean[BN_BLOCK_MAX], ninvstd[BN_BLOCK_MAX], nsg[BN_BLOCK_MAX], nsgx[BN_BLOCK_MAX];
         int64_t lo, hi;
         int have_next = 0;
-        bn_thread_channels(g->C, &lo, &hi);
+        bn_range(g->C, t, nt, &lo, &hi);
         for (int64_t c0 = lo; c0 < hi; c0 += cb) {
             const int64_t nc = hi - c0 < cb ? hi - c0 : cb;
             if (a->use_global_stats) {
@@ -1217,6 +1169,11 @@ static void bn_bwd_channel_schedule(const bn_bwd_ctx *b, int nt, int need_sums) 
     }
 }
 
+static void bn_bwd_channel_schedule(const bn_bwd_ctx *b, int nt, int need_sums) {
+    bn_bwd_channel_schedule_env env_ = {b, nt, need_sums};
+    bn_exec_run(b->ex, bn_bwd_channel_schedule_task, &env_);
+}
+
 /* Expanded coefficients of a channel block of the run schedule. */
 static void bn_bwd_run_coefs(const bn_bwd_ctx *b, const bn_run_scratch *r, int64_t c0, int64_t nc, const double *sg,
                              const double *sgx, const double *invstd) {
@@ -1250,17 +1207,30 @@ static void bn_bwd_run_apply(const bn_bwd_ctx *b, const bn_run_scratch *r, int64
  * g and g * (x - mean) element by element over the batch, then dx (and daddend) run by run with
  * expanded coefficients. With global statistics the coefficients do not depend on the sums, so each
  * run's dx follows its sums in the same sweep (one read of x and dy from DRAM). */
-static void bn_bwd_run_schedule(const bn_bwd_ctx *b, int nt, int need_sums, double *scratch) {
+/* the environment of bn_bwd_run_schedule's per-thread task */
+typedef struct bn_bwd_run_schedule_env {
+    const bn_bwd_ctx *b;
+    int nt;
+    int need_sums;
+    double *scratch;
+} bn_bwd_run_schedule_env;
+
+static void bn_bwd_run_schedule_task(void *env_, int t) {
+    const bn_bwd_run_schedule_env *e_ = (const bn_bwd_run_schedule_env *)env_;
+    const bn_bwd_ctx *b = e_->b;
+    int nt = e_->nt;
+    int need_sums = e_->need_sums;
+    double *scratch = e_->scratch;
+    (void)b; (void)nt; (void)need_sums; (void)scratch;
     const bn_geom *g = &b->g;
     const bnorm_backward_args *a = b->a;
     const int64_t inner = g->inner, C = g->C;
     const size_t es = g->esize;
     const int64_t cb = bn_run_channels(g, 2);
     const int write = a->dx || (a->daddend && a->relu_mask), eval = a->use_global_stats;
-#pragma omp parallel num_threads(nt)
     {
         int64_t lo, hi;
-        bn_run_scratch r = bn_run_thread(scratch, C, &lo, &hi);
+        bn_run_scratch r = bn_run_thread(scratch, C, t, nt, &lo, &hi);
         for (int64_t c0 = lo; c0 < hi; c0 += cb) {
             const int64_t nc = hi - c0 < cb ? hi - c0 : cb, n = nc * inner;
             double mean[BN_RUN_BLOCK_MAX], invstd[BN_RUN_BLOCK_MAX], sg[BN_RUN_BLOCK_MAX], sgx[BN_RUN_BLOCK_MAX];
@@ -1312,6 +1282,11 @@ static void bn_bwd_run_schedule(const bn_bwd_ctx *b, int nt, int need_sums, doub
     }
 }
 
+static void bn_bwd_run_schedule(const bn_bwd_ctx *b, int nt, int need_sums, double *scratch) {
+    bn_bwd_run_schedule_env env_ = {b, nt, need_sums, scratch};
+    bn_exec_run(b->ex, bn_bwd_run_schedule_task, &env_);
+}
+
 /* The coefficients of dx = g * k1 - k2 - (x - mean) * k3 per channel: double arrays (planes) and
  * compute-type arrays (rows). */
 typedef struct bn_bwd_coef {
@@ -1328,15 +1303,35 @@ typedef struct bn_bwd_coef {
 /* Phase 1 of the split schedule: sums of g and g*(x - mean) per channel (if need_sums), merged in
  * thread order. With `apply` (global statistics, whose coefficients are known before the sums), dx is
  * written in the same sweep, piece by piece, and phase 2 is skipped. */
-static void bn_bwd_partials(const bn_bwd_ctx *b, int nt, int need_sums, const bn_bwd_coef *co, int apply,
-                            double *part, double *sg, double *sgx) {
+/* the environment of bn_bwd_partials's per-thread task */
+typedef struct bn_bwd_partials_env {
+    const bn_bwd_ctx *b;
+    int nt;
+    int need_sums;
+    const bn_bwd_coef *co;
+    int apply;
+    double *part;
+    double *sg;
+    double *sgx;
+} bn_bwd_partials_env;
+
+static void bn_bwd_partials_task(void *env_, int t) {
+    const bn_bwd_partials_env *e_ = (const bn_bwd_partials_env *)env_;
+    const bn_bwd_ctx *b = e_->b;
+    int nt = e_->nt;
+    int need_sums = e_->need_sums;
+    const bn_bwd_coef *co = e_->co;
+    int apply = e_->apply;
+    double *part = e_->part;
+    double *sg = e_->sg;
+    double *sgx = e_->sgx;
+    (void)b; (void)nt; (void)need_sums; (void)co; (void)apply; (void)part; (void)sg; (void)sgx;
     const bn_bwd_coef *ap = apply ? co : NULL;
     const bn_geom *g = &b->g;
     const bnorm_backward_args *a = b->a;
     const int64_t C = g->C;
     const size_t es = g->esize;
-#pragma omp parallel for schedule(static, 1) num_threads(nt)
-    for (int t = 0; t < nt; t++) {
+    {
         double *ps = part + (size_t)t * 2 * C, *psx = ps + C;
         for (int64_t c = 0; c < C; c++) ps[c] = psx[c] = 0;
         int64_t lo, hi;
@@ -1370,6 +1365,13 @@ static void bn_bwd_partials(const bn_bwd_ctx *b, int nt, int need_sums, const bn
         }
         if (ap && b->stream) bn_stream_fence();
     }
+}
+
+static void bn_bwd_partials(const bn_bwd_ctx *b, int nt, int need_sums, const bn_bwd_coef *co, int apply,
+                            double *part, double *sg, double *sgx) {
+    const int64_t C = b->g.C;
+    bn_bwd_partials_env env_ = {b, nt, need_sums, co, apply, part, sg, sgx};
+    bn_exec_run(b->ex, bn_bwd_partials_task, &env_);
     for (int64_t c = 0; c < C; c++) {
         double s = 0, sx = 0;
         for (int t = 0; t < nt; t++) {
@@ -1381,14 +1383,25 @@ static void bn_bwd_partials(const bn_bwd_ctx *b, int nt, int need_sums, const bn
     }
 }
 
-static void bn_bwd_apply_split(const bn_bwd_ctx *b, int nt, const bn_bwd_coef *co) {
+/* the environment of bn_bwd_apply_split's per-thread task */
+typedef struct bn_bwd_apply_split_env {
+    const bn_bwd_ctx *b;
+    int nt;
+    const bn_bwd_coef *co;
+} bn_bwd_apply_split_env;
+
+static void bn_bwd_apply_split_task(void *env_, int t) {
+    const bn_bwd_apply_split_env *e_ = (const bn_bwd_apply_split_env *)env_;
+    const bn_bwd_ctx *b = e_->b;
+    int nt = e_->nt;
+    const bn_bwd_coef *co = e_->co;
+    (void)b; (void)nt; (void)co;
     const bn_geom *g = &b->g;
     const bnorm_backward_args *a = b->a;
     const int64_t C = g->C;
     const size_t es = g->esize;
     const double *mean = co->mean, *k1 = co->k1, *k2 = co->k2, *k3 = co->k3;
-#pragma omp parallel for schedule(static, 1) num_threads(nt)
-    for (int t = 0; t < nt; t++) {
+    {
         int64_t lo, hi;
         if (g->planes) {
             bn_range(g->outer * C, t, nt, &lo, &hi);
@@ -1415,7 +1428,7 @@ static void bn_bwd_apply_split(const bn_bwd_ctx *b, int nt, const bn_bwd_coef *c
             }
         } else {
             bn_range(g->outer, t, nt, &lo, &hi);
-            if (hi <= lo) continue;
+            if (hi <= lo) return;
             int64_t off = lo * C;
             const uint8_t *mask = a->relu_mask ? (const uint8_t *)a->relu_mask + lo * b->mask_stride : NULL;
             b->k->rows_bwd_apply(bn_at(b->ax, off, es), bn_at(a->dy, off, es), mask, b->mask_stride,
@@ -1427,38 +1440,34 @@ static void bn_bwd_apply_split(const bn_bwd_ctx *b, int nt, const bn_bwd_coef *c
     }
 }
 
-static bnorm_status bn_bwd_validate(const bnorm_backward_args *a, bn_geom *g) {
-    static const char *F = "bnorm_backward";
-    if (!a) return bn_fail(BNORM_STATUS_NULL_POINTER, F, "args is NULL");
-    bnorm_status st = bn_geom_init(F, "args->desc", &a->desc, g);
-    if (st) return st;
-    if (g->numel > 0 && !a->x) return bn_fail(BNORM_STATUS_NULL_POINTER, F, "args->x is NULL");
-    if (g->numel > 0 && !a->dy) return bn_fail(BNORM_STATUS_NULL_POINTER, F, "args->dy is NULL");
-    if (!a->mean) return bn_fail(BNORM_STATUS_NULL_POINTER, F, "args->mean is NULL");
-    if (!a->invstd == !a->var)
-        return bn_fail(BNORM_STATUS_INVALID_ARGUMENT, F, "pass exactly one of args->invstd and args->var (got %s)",
-                       a->invstd ? "both" : "neither");
-    if (a->var && (!(a->eps >= 0) || isinf(a->eps)))
-        return bn_fail(BNORM_STATUS_INVALID_ARGUMENT, F, "args->eps = %g: must be finite and >= 0", a->eps);
-    if (a->daddend && !a->relu_mask)
-        return bn_fail(BNORM_STATUS_INVALID_ARGUMENT, F,
-                       "daddend needs relu_mask (without a ReLU the addend's gradient is dy itself)");
-    if (a->comm && !a->use_global_stats) {
-        st = bn_check_comm(F, a->comm);
-        if (st) return st;
-    }
-    return BNORM_STATUS_OK;
+static void bn_bwd_apply_split(const bn_bwd_ctx *b, int nt, const bn_bwd_coef *co) {
+    bn_bwd_apply_split_env env_ = {b, nt, co};
+    bn_exec_run(b->ex, bn_bwd_apply_split_task, &env_);
 }
 
-bnorm_status bnorm_backward(const bnorm_backward_args *a) {
+void bn_cpu_plan_backward(bnorm_plan *p) {
+    const bnorm_backward_args *a = &p->ba;
+    const bn_geom *g = &p->g;
+    const int nt = p->ex.nt;
+    p->isa = bnorm_get_isa();
+    p->k = bn_kernels_variant(p->isa, a->desc.dtype);
+    bn_ws_layout(p);
+    if (!p->comm && g->planes && g->C >= nt && g->m > 0 && bn_small_planes(g, a->desc.dtype))
+        bn_plan_set(p, BN_SCHED_RUN);
+    else if (!p->comm && g->planes && g->C >= nt && g->m > 0)
+        bn_plan_set(p, BN_SCHED_CHANNEL);
+    else
+        bn_plan_set(p, BN_SCHED_SPLIT);
+}
+
+bnorm_status bn_cpu_backward(const bnorm_plan *p, const bnorm_backward_args *a, double *ws) {
     static const char *F = "bnorm_backward";
-    bn_clear_error();
     bn_bwd_ctx b;
-    bnorm_status st = bn_bwd_validate(a, &b.g);
-    if (st) return st;
+    b.g = p->g;
     b.a = a;
-    b.k = bn_kernels_for(a->desc.dtype);
-    b.pd = bnorm_param_dtype(a->desc.dtype);
+    b.ex = &p->ex;
+    b.k = p->k;
+    b.pd = p->pd;
     b.dbl = a->desc.dtype == BNORM_DTYPE_F64;
     b.mask_stride = bn_mask_stride(&b.g);
     b.stream = bn_stream_output(&b.g);
@@ -1466,25 +1475,19 @@ bnorm_status bnorm_backward(const bnorm_backward_args *a) {
     b.ax = a->use_global_stats ? NULL : a->x;
     const bn_geom *g = &b.g;
     const int64_t C = g->C;
-    const int nt = bn_threads();
-    const bnorm_comm *comm = a->use_global_stats ? NULL : a->comm;
+    const int nt = p->ex.nt;
+    const bnorm_comm *comm = p->comm;
     const int need_sums = !a->use_global_stats || a->dweight || a->dbias || comm;
+    bn_arena ar = {ws, 0};
 
-    if (!comm && g->planes && C >= nt && g->m > 0 && bn_small_planes(g, a->desc.dtype)) {
-        bn_arena ar;
-        st = bn_arena_open(&ar, F, a->workspace, a->workspace_size, bn_ws_doubles(g, a->desc.dtype, nt, 1));
-        if (st) return st;
+    if (p->sched == BN_SCHED_RUN) {
         bn_bwd_run_schedule(&b, nt, need_sums, bn_take(&ar, (size_t)nt * BN_RUN_SCRATCH));
-        free(ar.owned);
         return BNORM_STATUS_OK;
     }
-    if (!comm && g->planes && C >= nt && g->m > 0) {
+    if (p->sched == BN_SCHED_CHANNEL) {
         bn_bwd_channel_schedule(&b, nt, need_sums);
         return BNORM_STATUS_OK;
     }
-    bn_arena ar;
-    st = bn_arena_open(&ar, F, a->workspace, a->workspace_size, bn_ws_doubles(g, a->desc.dtype, nt, comm ? comm->size : 1));
-    if (st) return st;
     double *part = bn_take(&ar, (size_t)nt * 7 * C);
     double *sg = bn_take(&ar, C), *sgx = bn_take(&ar, C), *mean = bn_take(&ar, C), *inv = bn_take(&ar, C);
     double *k1 = bn_take(&ar, C), *k2 = bn_take(&ar, C), *k3 = bn_take(&ar, C);
@@ -1520,8 +1523,8 @@ bnorm_status bnorm_backward(const bnorm_backward_args *a) {
             send[BN_HDR + 1 + c] = sg[c];
             send[BN_HDR + 1 + C + c] = sgx[c];
         }
-        st = bn_exchange(F, comm, send, cnt, recv);
-        if (st) { free(ar.owned); return st; }
+        bnorm_status st = bn_exchange(F, comm, send, cnt, recv);
+        if (st) return st;
         /* global sums in rank order, into the per-thread area (no longer needed) */
         gsg = part;
         gsgx = part + C;
@@ -1551,6 +1554,5 @@ bnorm_status bnorm_backward(const bnorm_backward_args *a) {
         }
         bn_bwd_apply_split(&b, nt, &co);
     }
-    free(ar.owned);
     return BNORM_STATUS_OK;
 }

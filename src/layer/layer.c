@@ -4,6 +4,9 @@
  * and what the backward needs (saved statistics, ReLU mask, workspace, grown only when shapes grow).
  */
 #include "layer_internal.h"
+#include "../core/plan.h"
+
+#define BN_LAYER_OPTIONS_V1 BN_V1_SIZE(bnorm_layer_options, fused_relu)
 
 #include <math.h>
 #include <stdlib.h>
@@ -11,6 +14,7 @@
 bnorm_layer_options bnorm_layer_options_default(int64_t num_features) {
     bnorm_layer_options o;
     memset(&o, 0, sizeof o); /* padding too: callers may compare or hash options bytewise */
+    o.struct_size = sizeof o;
     o.num_features = num_features;
     o.param_dtype = BNORM_DTYPE_F32;
     o.eps = 1e-5;
@@ -61,12 +65,17 @@ bnorm_status bnorm_layer_create(const bnorm_layer_options *options, bnorm_layer 
     bn_clear_error();
     if (!out) return bn_fail(BNORM_STATUS_NULL_POINTER, F, "out is NULL");
     *out = NULL;
-    bnorm_status st = bn_layer_check_options(F, options);
+    if (!options) return bn_fail(BNORM_STATUS_NULL_POINTER, F, "options is NULL");
+    bnorm_layer_options o;
+    bnorm_status st = bn_struct_in(F, "options", options, &o, sizeof o, BN_LAYER_OPTIONS_V1);
+    if (st) return st;
+    options = &o;
+    st = bn_layer_check_options(F, options);
     if (st) return st;
     bnorm_layer *l = (bnorm_layer *)calloc(1, sizeof *l);
     const int64_t C = options->num_features;
     const size_t es = bnorm_dtype_size(options->param_dtype);
-    char *blk = l ? (char *)calloc(8 * (size_t)C, es) : NULL;
+    char *blk = l ? (char *)calloc(9 * (size_t)C, es) : NULL;
     if (!blk) {
         free(l);
         return bn_fail(BNORM_STATUS_OUT_OF_MEMORY, F, "cannot allocate a layer of %lld features", (long long)C);
@@ -85,8 +94,11 @@ bnorm_status bnorm_layer_create(const bnorm_layer_options *options, bnorm_layer 
         l->running_mean = blk + 4 * sz;
         l->running_var = blk + 5 * sz;
     }
-    l->save_mean = blk + 6 * sz;
-    l->save_invstd = blk + 7 * sz;
+    l->own.owner = l;
+    l->own.mean = blk + 6 * sz;
+    l->own.invstd = blk + 7 * sz;
+    l->own.mean_lo = blk + 8 * sz;
+    l->grad_weight = l->grad_bias = 1;
     bnorm_layer_reset_parameters(l);
     *out = l;
     return BNORM_STATUS_OK;
@@ -95,7 +107,7 @@ bnorm_status bnorm_layer_create(const bnorm_layer_options *options, bnorm_layer 
 void bnorm_layer_destroy(bnorm_layer *l) {
     if (!l) return;
     free(l->block);
-    free(l->mask);
+    free(l->own.mask);
     free(l->workspace);
     free(l);
 }
@@ -103,8 +115,97 @@ void bnorm_layer_destroy(bnorm_layer *l) {
 bnorm_status bnorm_layer_get_options(const bnorm_layer *l, bnorm_layer_options *out) {
     bn_clear_error();
     if (!l || !out) return bn_fail(BNORM_STATUS_NULL_POINTER, "bnorm_layer_get_options", "%s is NULL", l ? "out" : "layer");
-    *out = l->opt;
+    /* the ABI-1 fields, which every caller's struct has (out->struct_size may be uninitialised) */
+    bnorm_layer_options o = l->opt;
+    o.struct_size = BN_LAYER_OPTIONS_V1;
+    memcpy(out, &o, BN_LAYER_OPTIONS_V1);
     return BNORM_STATUS_OK;
+}
+
+bnorm_status bnorm_layer_set_options(bnorm_layer *l, const bnorm_layer_options *options) {
+    static const char *F = "bnorm_layer_set_options";
+    bn_clear_error();
+    if (!l || !options) return bn_fail(BNORM_STATUS_NULL_POINTER, F, "%s is NULL", l ? "options" : "layer");
+    bnorm_layer_options o;
+    bnorm_status st = bn_struct_in(F, "options", options, &o, sizeof o, BN_LAYER_OPTIONS_V1);
+    if (st) return st;
+    st = bn_layer_check_options(F, &o);
+    if (st) return st;
+    if (o.num_features != l->opt.num_features || o.param_dtype != l->opt.param_dtype ||
+        !o.affine != !l->opt.affine || !o.track_running_stats != !l->opt.track_running_stats)
+        return bn_fail(BNORM_STATUS_SHAPE_MISMATCH, F,
+                       "num_features, param_dtype, affine and track_running_stats cannot change (layer: %lld, %s, %d, "
+                       "%d; options: %lld, %s, %d, %d)",
+                       (long long)l->opt.num_features, bnorm_dtype_name(l->opt.param_dtype), l->opt.affine,
+                       l->opt.track_running_stats, (long long)o.num_features, bnorm_dtype_name(o.param_dtype),
+                       o.affine, o.track_running_stats);
+    if (!o.fused_relu != !l->opt.fused_relu) l->have_saved = 0; /* the saved mask no longer matches */
+    l->opt.eps = o.eps;
+    l->opt.momentum = o.momentum;
+    l->opt.momentum_mode = o.momentum_mode;
+    l->opt.freeze = o.freeze;
+    l->opt.fused_relu = o.fused_relu;
+    return BNORM_STATUS_OK;
+}
+
+bnorm_status bnorm_layer_set_requires_grad(bnorm_layer *l, int weight, int bias) {
+    static const char *F = "bnorm_layer_set_requires_grad";
+    bn_clear_error();
+    if (!l) return bn_fail(BNORM_STATUS_NULL_POINTER, F, "layer is NULL");
+    if ((weight || bias) && !l->opt.affine)
+        return bn_fail(BNORM_STATUS_UNSUPPORTED, F, "the layer has no weight and bias (affine = 0)");
+    l->grad_weight = weight != 0;
+    l->grad_bias = bias != 0;
+    return BNORM_STATUS_OK;
+}
+
+bnorm_status bnorm_layer_set_threads(bnorm_layer *l, int num_threads, const bnorm_threadpool *pool) {
+    static const char *F = "bnorm_layer_set_threads";
+    bn_clear_error();
+    if (!l) return bn_fail(BNORM_STATUS_NULL_POINTER, F, "layer is NULL");
+    if (num_threads < 0 || num_threads > 4096)
+        return bn_fail(BNORM_STATUS_INVALID_ARGUMENT, F, "num_threads = %d: must be in [0, 4096]", num_threads);
+    bnorm_threadpool p;
+    memset(&p, 0, sizeof p);
+    if (pool) {
+        bnorm_status st = bn_struct_in(F, "threadpool", pool, &p, sizeof p, sizeof p);
+        if (st) return st;
+        if (!p.parallel_for) return bn_fail(BNORM_STATUS_NULL_POINTER, F, "threadpool->parallel_for is NULL");
+    }
+    l->num_threads = num_threads;
+    l->pool = p;
+    l->has_pool = pool != NULL;
+    return BNORM_STATUS_OK;
+}
+
+bnorm_status bnorm_layer_context_create(const bnorm_layer *l, bnorm_layer_context **out) {
+    static const char *F = "bnorm_layer_context_create";
+    bn_clear_error();
+    if (!out) return bn_fail(BNORM_STATUS_NULL_POINTER, F, "out is NULL");
+    *out = NULL;
+    if (!l) return bn_fail(BNORM_STATUS_NULL_POINTER, F, "layer is NULL");
+    const size_t sz = (size_t)l->opt.num_features * bnorm_dtype_size(l->opt.param_dtype);
+    bnorm_layer_context *c = (bnorm_layer_context *)calloc(1, sizeof *c);
+    char *blk = c ? (char *)calloc(3, sz) : NULL;
+    if (!blk) {
+        free(c);
+        return bn_fail(BNORM_STATUS_OUT_OF_MEMORY, F, "cannot allocate a context for %lld features",
+                       (long long)l->opt.num_features);
+    }
+    c->owner = l;
+    c->block = blk;
+    c->mean = blk;
+    c->invstd = blk + sz;
+    c->mean_lo = blk + 2 * sz;
+    *out = c;
+    return BNORM_STATUS_OK;
+}
+
+void bnorm_layer_context_destroy(bnorm_layer_context *c) {
+    if (!c) return;
+    free(c->block);
+    free(c->mask);
+    free(c);
 }
 
 bnorm_status bnorm_layer_set_training(bnorm_layer *l, int training) {
@@ -142,14 +243,39 @@ static bnorm_status bn_layer_check_desc(const char *F, const bnorm_layer *l, con
     return BNORM_STATUS_OK;
 }
 
-bnorm_status bnorm_layer_forward(bnorm_layer *l, const bnorm_desc *desc, const void *x, void *y,
-                                 const void *addend) {
-    static const char *F = "bnorm_layer_forward";
-    bn_clear_error();
-    if (!l) return bn_fail(BNORM_STATUS_NULL_POINTER, F, "layer is NULL");
+/* The thread count of one layer call, read once; the workspace is sized for exactly that count. */
+static int bn_layer_threads(const bnorm_layer *l) { return l->num_threads > 0 ? l->num_threads : bnorm_get_num_threads(); }
+
+static bnorm_status bn_layer_workspace(const char *F, bnorm_layer *l, const bnorm_desc *desc, int comm_size, int nt) {
+    size_t need = bn_workspace_bytes(desc, comm_size, nt);
+    if (!need) return bn_fail(BNORM_STATUS_OVERFLOW, F, "the workspace for this shape and %d threads overflows", nt);
+    return bn_grow(F, &l->workspace, &l->workspace_cap, need);
+}
+
+/* A fingerprint of x: up to 64 values at evenly spaced positions (and the count), so a backward can
+ * tell that it got another input than the forward (another forward ran since) even when the caller
+ * passes a fresh copy of the same input. */
+static uint64_t bn_x_signature(const void *x, int64_t numel, size_t es) {
+    uint64_t h = 1469598103934665603ull ^ (uint64_t)numel;
+    if (!x || numel <= 0) return h;
+    const int64_t k = numel < 64 ? numel : 64;
+    for (int64_t i = 0; i < k; i++) {
+        const unsigned char *p = (const unsigned char *)x + (size_t)(k > 1 ? i * (numel - 1) / (k - 1) : 0) * es;
+        for (size_t b = 0; b < es; b++) h = (h ^ p[b]) * 1099511628211ull;
+    }
+    return h;
+}
+
+static int bn_ctx_valid(const bnorm_layer *l, const bnorm_layer_context *c) {
+    return c == &l->own ? l->have_saved : c->have;
+}
+
+static bnorm_status bn_layer_forward(const char *F, bnorm_layer *l, bnorm_layer_context *ctx, const bnorm_desc *desc,
+                                     const void *x, void *y, const void *addend) {
     bn_geom g = {0};
     bnorm_status st = bn_layer_check_desc(F, l, desc, &g);
     if (st) return st;
+    if (ctx->owner != l) return bn_fail(BNORM_STATUS_INVALID_ARGUMENT, F, "ctx belongs to another layer");
     if (addend && !l->opt.fused_relu)
         return bn_fail(BNORM_STATUS_INVALID_ARGUMENT, F, "addend given but the layer was not created with fused_relu");
     const bnorm_layer_options *o = &l->opt;
@@ -157,22 +283,26 @@ bnorm_status bnorm_layer_forward(bnorm_layer *l, const bnorm_desc *desc, const v
     const int batch_stats = (l->training && !o->freeze) || !track;
     const int update = l->training && track && !o->freeze;
     const int64_t C = o->num_features;
+    const int nt = bn_layer_threads(l);
 
     if (o->fused_relu) {
-        st = bn_grow(F, (void **)&l->mask, &l->mask_cap, bnorm_relu_mask_size(desc));
+        st = bn_grow(F, (void **)&ctx->mask, &ctx->mask_cap, bnorm_relu_mask_size(desc));
         if (st) return st;
     }
     const bnorm_comm *comm = (batch_stats && l->training && l->has_comm) ? &l->comm : NULL;
-    st = bn_grow(F, &l->workspace, &l->workspace_cap, bnorm_workspace_size(desc, comm ? comm->size : 1));
+    st = bn_layer_workspace(F, l, desc, comm ? comm->size : 1, nt);
     if (st) return st;
 
-    bnorm_forward_args a = {.desc = *desc, .x = x, .y = y, .weight = l->weight, .bias = l->bias, .eps = o->eps,
-                            .addend = addend, .relu = o->fused_relu, .relu_mask = o->fused_relu ? l->mask : NULL,
-                            .workspace = l->workspace, .workspace_size = l->workspace_cap};
+    bnorm_forward_args a = {.struct_size = sizeof a, .desc = *desc, .x = x, .y = y, .weight = l->weight,
+                            .bias = l->bias, .eps = o->eps, .addend = addend, .relu = o->fused_relu,
+                            .relu_mask = o->fused_relu ? ctx->mask : NULL, .workspace = l->workspace,
+                            .workspace_size = l->workspace_cap, .num_threads = nt,
+                            .threadpool = l->has_pool ? &l->pool : NULL};
     if (batch_stats) {
         a.training = 1;
-        a.save_mean = l->save_mean;
-        a.save_invstd = l->save_invstd;
+        a.save_mean = ctx->mean;
+        a.save_mean_lo = ctx->mean_lo;
+        a.save_invstd = ctx->invstd;
         a.comm = comm;
         if (update) {
             a.running_mean = l->running_mean;
@@ -193,16 +323,36 @@ bnorm_status bnorm_layer_forward(bnorm_layer *l, const bnorm_desc *desc, const v
     if (update) l->num_batches_tracked++;
     if (!batch_stats) { /* the backward treats the running statistics as constants */
         for (int64_t c = 0; c < C; c++) {
-            bn_param_set(l->save_mean, o->param_dtype, c, bn_param_get(l->running_mean, o->param_dtype, c));
-            bn_param_set(l->save_invstd, o->param_dtype, c,
+            bn_param_set(ctx->mean, o->param_dtype, c, bn_param_get(l->running_mean, o->param_dtype, c));
+            bn_param_set(ctx->mean_lo, o->param_dtype, c, 0.0);
+            bn_param_set(ctx->invstd, o->param_dtype, c,
                          bn_invstd(bn_param_get(l->running_var, o->param_dtype, c), o->eps));
         }
     }
-    l->have_saved = 1;
-    l->saved_global = !batch_stats;
-    l->saved_synced = comm != NULL;
-    l->saved_desc = *desc;
+    if (ctx == &l->own) l->have_saved = 1;
+    else ctx->have = 1;
+    ctx->global = !batch_stats;
+    ctx->synced = comm != NULL;
+    ctx->relu = o->fused_relu != 0;
+    ctx->desc = *desc;
+    ctx->xsig = bn_x_signature(x, g.numel, g.esize);
     return BNORM_STATUS_OK;
+}
+
+bnorm_status bnorm_layer_forward(bnorm_layer *l, const bnorm_desc *desc, const void *x, void *y,
+                                 const void *addend) {
+    static const char *F = "bnorm_layer_forward";
+    bn_clear_error();
+    if (!l) return bn_fail(BNORM_STATUS_NULL_POINTER, F, "layer is NULL");
+    return bn_layer_forward(F, l, &l->own, desc, x, y, addend);
+}
+
+bnorm_status bnorm_layer_forward_ctx(bnorm_layer *l, bnorm_layer_context *ctx, const bnorm_desc *desc,
+                                     const void *x, void *y, const void *addend) {
+    static const char *F = "bnorm_layer_forward_ctx";
+    bn_clear_error();
+    if (!l || !ctx) return bn_fail(BNORM_STATUS_NULL_POINTER, F, "%s is NULL", l ? "ctx" : "layer");
+    return bn_layer_forward(F, l, ctx, desc, x, y, addend);
 }
 
 static int bn_desc_equal(const bnorm_desc *a, const bnorm_desc *b) {
@@ -212,32 +362,56 @@ static int bn_desc_equal(const bnorm_desc *a, const bnorm_desc *b) {
     return 1;
 }
 
+static bnorm_status bn_layer_backward(const char *F, bnorm_layer *l, bnorm_layer_context *ctx, const bnorm_desc *desc,
+                                      const void *x, const void *dy, void *dx, void *daddend) {
+    bn_geom g = {0};
+    bnorm_status st = bn_layer_check_desc(F, l, desc, &g);
+    if (st) return st;
+    if (ctx->owner != l) return bn_fail(BNORM_STATUS_INVALID_ARGUMENT, F, "ctx belongs to another layer");
+    if (!bn_ctx_valid(l, ctx))
+        return bn_fail(BNORM_STATUS_STATE, F, "no forward has run since the layer was created or its state changed");
+    if (!bn_desc_equal(desc, &ctx->desc))
+        return bn_fail(BNORM_STATUS_SHAPE_MISMATCH, F, "desc differs from the last forward's descriptor");
+    if (g.numel > 0 && x && bn_x_signature(x, g.numel, g.esize) != ctx->xsig)
+        return bn_fail(BNORM_STATUS_STATE, F,
+                       "x is not the input of the forward whose statistics are saved (another forward ran since? "
+                       "use bnorm_layer_context to keep several forwards for their backwards)");
+    if (daddend && !l->opt.fused_relu)
+        return bn_fail(BNORM_STATUS_INVALID_ARGUMENT, F, "daddend given but the layer was not created with fused_relu");
+    if (ctx->relu != (l->opt.fused_relu != 0))
+        return bn_fail(BNORM_STATUS_STATE, F, "fused_relu changed since the forward");
+    const int param_grads = l->opt.affine && !l->opt.freeze;
+    const bnorm_comm *comm = ctx->synced ? &l->comm : NULL;
+    if (comm && !l->has_comm)
+        return bn_fail(BNORM_STATUS_STATE, F, "the forward was synchronized but the communicator was removed since");
+    const int nt = bn_layer_threads(l);
+    st = bn_layer_workspace(F, l, desc, comm ? comm->size : 1, nt);
+    if (st) return st;
+    bnorm_backward_args a = {.struct_size = sizeof a, .desc = *desc, .x = x, .dy = dy, .dx = dx, .weight = l->weight,
+                             .mean = ctx->mean, .mean_lo = ctx->mean_lo, .invstd = ctx->invstd,
+                             .use_global_stats = ctx->global, .relu_mask = ctx->relu ? ctx->mask : NULL,
+                             .daddend = daddend, .dweight = param_grads && l->grad_weight ? l->weight_grad : NULL,
+                             .dbias = param_grads && l->grad_bias ? l->bias_grad : NULL, .accumulate = 1,
+                             .comm = comm, .reduce_param_grads = l->reduce_param_grads, .workspace = l->workspace,
+                             .workspace_size = l->workspace_cap, .num_threads = nt,
+                             .threadpool = l->has_pool ? &l->pool : NULL};
+    return bn_error_reprefix(F, bnorm_backward(&a));
+}
+
 bnorm_status bnorm_layer_backward(bnorm_layer *l, const bnorm_desc *desc, const void *x, const void *dy, void *dx,
                                   void *daddend) {
     static const char *F = "bnorm_layer_backward";
     bn_clear_error();
     if (!l) return bn_fail(BNORM_STATUS_NULL_POINTER, F, "layer is NULL");
-    bn_geom g = {0};
-    bnorm_status st = bn_layer_check_desc(F, l, desc, &g);
-    if (st) return st;
-    if (!l->have_saved)
-        return bn_fail(BNORM_STATUS_STATE, F, "no forward has run since the layer was created or its state changed");
-    if (!bn_desc_equal(desc, &l->saved_desc))
-        return bn_fail(BNORM_STATUS_SHAPE_MISMATCH, F, "desc differs from the last forward's descriptor");
-    if (daddend && !l->opt.fused_relu)
-        return bn_fail(BNORM_STATUS_INVALID_ARGUMENT, F, "daddend given but the layer was not created with fused_relu");
-    const int param_grads = l->opt.affine && !l->opt.freeze;
-    const bnorm_comm *comm = l->saved_synced ? &l->comm : NULL;
-    if (comm && !l->has_comm)
-        return bn_fail(BNORM_STATUS_STATE, F, "the forward was synchronized but the communicator was removed since");
-    bnorm_backward_args a = {.desc = *desc, .x = x, .dy = dy, .dx = dx, .weight = l->weight, .mean = l->save_mean,
-                             .invstd = l->save_invstd, .use_global_stats = l->saved_global,
-                             .relu_mask = l->opt.fused_relu ? l->mask : NULL, .daddend = daddend,
-                             .dweight = param_grads ? l->weight_grad : NULL,
-                             .dbias = param_grads ? l->bias_grad : NULL, .accumulate = 1, .comm = comm,
-                             .reduce_param_grads = l->reduce_param_grads, .workspace = l->workspace,
-                             .workspace_size = l->workspace_cap};
-    return bn_error_reprefix(F, bnorm_backward(&a));
+    return bn_layer_backward(F, l, &l->own, desc, x, dy, dx, daddend);
+}
+
+bnorm_status bnorm_layer_backward_ctx(bnorm_layer *l, bnorm_layer_context *ctx, const bnorm_desc *desc, const void *x,
+                                      const void *dy, void *dx, void *daddend) {
+    static const char *F = "bnorm_layer_backward_ctx";
+    bn_clear_error();
+    if (!l || !ctx) return bn_fail(BNORM_STATUS_NULL_POINTER, F, "%s is NULL", l ? "ctx" : "layer");
+    return bn_layer_backward(F, l, ctx, desc, x, dy, dx, daddend);
 }
 
 bnorm_status bnorm_layer_reset_running_stats(bnorm_layer *l) {

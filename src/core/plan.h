@@ -1,0 +1,100 @@
+/*
+ * plan.h - the plan: a validated configuration with its backend choices settled. Backend-free parts
+ * (validation, the communicator exchange, the per-channel finalisation: running statistics, saved
+ * statistics, parameter gradients, coefficients) live in src/core; a backend (src/cpu/driver.c) fills
+ * in its choices at plan time (bn_cpu_plan_*) and executes the phases (bn_cpu_forward/backward).
+ */
+#ifndef BNORM_CORE_PLAN_H
+#define BNORM_CORE_PLAN_H
+
+#include "internal.h"
+
+#include <stdatomic.h>
+
+enum { BN_OP_FORWARD = 1, BN_OP_BACKWARD = 2 };
+
+/* Who runs the parallel work: nt logical threads, on OpenMP or on the caller's pool. */
+typedef struct bn_exec {
+    int nt;
+    bnorm_threadpool pool; /* pool.parallel_for NULL: OpenMP */
+} bn_exec;
+
+/* Runs fn(ctx, t) for t in [0, ex->nt). */
+void bn_exec_run(const bn_exec *ex, void (*fn)(void *ctx, int t), void *ctx);
+
+struct bn_kernels;
+
+struct bnorm_plan {
+    int op;
+    bnorm_forward_args fa;  /* op == BN_OP_FORWARD: the configuration (pointers as given at creation) */
+    bnorm_backward_args ba; /* op == BN_OP_BACKWARD */
+    bn_geom g;
+    bnorm_dtype pd;
+    bn_exec ex;
+    const bnorm_comm *comm; /* the communicator the operation uses (NULL: none) */
+    /* backend choices */
+    const struct bn_kernels *k;
+    bnorm_isa isa;
+    int sched;
+    const char *sched_name;
+    size_t ws_per_thread, ws_fixed; /* workspace in doubles: ws_fixed + nt * ws_per_thread */
+    size_t ws_doubles;
+    /* the plan's own workspace (heap plans) and whether an execution holds it */
+    double *ws;
+    atomic_flag ws_busy;
+    int verbose_created;
+};
+
+/* Workspace bytes of any forward/backward of desc with nt threads (0: invalid or overflow). */
+size_t bn_workspace_bytes(const bnorm_desc *desc, int comm_size, int nt);
+/* Workspace doubles for nt threads, or 0 on overflow. */
+size_t bn_plan_ws_for(const bnorm_plan *p, int nt);
+
+/* Plan initialisation without allocation (the functional calls make one on the stack). nt_req: the
+ * requested count (0: the default). */
+bnorm_status bn_plan_init_forward(const char *func, bnorm_plan *p, const bnorm_forward_args *a);
+bnorm_status bn_plan_init_backward(const char *func, bnorm_plan *p, const bnorm_backward_args *a);
+/* Execution of an initialised plan with already converted args (struct_size handled). ws: doubles of
+ * at least p->ws_doubles. */
+bnorm_status bn_plan_exec_forward(const char *func, bnorm_plan *p, const bnorm_forward_args *a, double *ws);
+bnorm_status bn_plan_exec_backward(const char *func, bnorm_plan *p, const bnorm_backward_args *a, double *ws);
+
+/* The CPU backend (src/cpu/driver.c). */
+void bn_cpu_plan_forward(bnorm_plan *p);
+void bn_cpu_plan_backward(bnorm_plan *p);
+bnorm_status bn_cpu_forward(const bnorm_plan *p, const bnorm_forward_args *a, double *ws);
+bnorm_status bn_cpu_backward(const bnorm_plan *p, const bnorm_backward_args *a, double *ws);
+
+/* --- backend-free pieces shared by the backends (src/core/comm.c, src/core/stats.c) --- */
+enum { BN_HDR = 8, BN_MAGIC = 0x626e6f72 };
+bnorm_status bn_check_comm(const char *func, const bnorm_comm *c);
+void bn_fill_header(double *h, int op, const bnorm_desc *d, int flags);
+/* One exchange: optional header-only validation, then the all-gather of header + payload
+ * (count doubles per rank, header first) into recv (size * count doubles). */
+bnorm_status bn_exchange(const char *func, const bnorm_comm *c, double *send, size_t count, double *recv);
+
+/* Statistics of channel c are final (n values, mean, m2): writes the saved statistics (save_mean,
+ * save_mean_lo, save_invstd) and the running update of a, returns scale and shift. */
+void bn_fwd_finalize(const bnorm_forward_args *a, bnorm_dtype pd, int64_t c, double n, double mean, double m2,
+                     double *scale, double *shift);
+/* The mean a backward uses for channel c (mean + mean_lo) and its invstd. */
+double bn_bwd_mean_of(const bnorm_backward_args *a, bnorm_dtype pd, int64_t c);
+double bn_bwd_invstd_of(const bnorm_backward_args *a, bnorm_dtype pd, int64_t c);
+/* dweight/dbias of channel c from its sums. */
+void bn_bwd_param_grads_of(const bnorm_backward_args *a, bnorm_dtype pd, int64_t c, double sg, double sgx,
+                           double invstd);
+/* dx = g * k1 - k2 - (x - mean) * k3 from the global sums of channel c (n_total values). */
+void bn_bwd_coefs_of(const bnorm_backward_args *a, bnorm_dtype pd, int64_t c, double n_total, double sg,
+                     double sgx, double invstd, double *k1, double *k2, double *k3);
+
+/* Copies a caller's struct whose first member is `size_t struct_size` into dst (lib_size bytes, the
+ * library's sizeof), following the ABI policy of bnorm.h: 0 means v1_size; bytes beyond the caller's
+ * size are zero; a larger caller struct must have an all-zero unknown tail. */
+bnorm_status bn_struct_in(const char *func, const char *what, const void *src, void *dst, size_t lib_size,
+                          size_t v1_size);
+#define BN_V1_SIZE(type, last) (offsetof(type, last) + sizeof(((type *)0)->last))
+
+/* BNORM_VERBOSE level (read once). */
+int bn_verbose(void);
+
+#endif
