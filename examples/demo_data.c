@@ -63,6 +63,47 @@ static char *read_gz(const char *path, size_t *len, char *err, size_t cap) {
     return buf;
 }
 
+/* The shipped digits, compiled into the program (demo_digits_gz.c is generated at build time from
+ * data/digits.csv.gz by cmake/embed_file.cmake), so that the examples run from anywhere. */
+extern const unsigned char demo_digits_gz[];
+extern const size_t demo_digits_gz_size;
+
+static char *inflate_embedded(size_t *len, char *err, size_t cap) {
+    z_stream z;
+    memset(&z, 0, sizeof z);
+    if (inflateInit2(&z, 16 + MAX_WBITS) != Z_OK) { /* 16 + MAX_WBITS: a gzip stream */
+        fail(err, cap, "embedded data: zlib initialization failed");
+        return NULL;
+    }
+    size_t room = 1 << 20, size = 0;
+    char *buf = (char *)malloc(room + 1);
+    z.next_in = (unsigned char *)demo_digits_gz;
+    z.avail_in = (uInt)demo_digits_gz_size;
+    int rc = Z_OK;
+    while (buf && rc == Z_OK) {
+        if (size == room) {
+            room *= 2;
+            char *b = (char *)realloc(buf, room + 1);
+            if (!b) free(buf);
+            buf = b;
+            if (!buf) break;
+        }
+        z.next_out = (unsigned char *)buf + size;
+        z.avail_out = (uInt)(room - size);
+        rc = inflate(&z, Z_NO_FLUSH);
+        size = room - z.avail_out;
+    }
+    inflateEnd(&z);
+    if (!buf || rc != Z_STREAM_END) {
+        fail(err, cap, "embedded data/digits.csv.gz: %s", buf ? "corrupt gzip stream" : "out of memory");
+        free(buf);
+        return NULL;
+    }
+    buf[size] = '\0';
+    *len = size;
+    return buf;
+}
+
 static int alloc_dataset(demo_dataset *d, int n, int dim, int classes) {
     d->n = n;
     d->dim = dim;
@@ -77,10 +118,11 @@ static int alloc_dataset(demo_dataset *d, int n, int dim, int classes) {
 }
 
 int demo_load_digits_csv(const char *path, demo_dataset *out, char *err, size_t cap) {
+    const char *name = path ? path : "embedded data/digits.csv.gz";
     enum { DIM = 64, CLASSES = 10 };
     memset(out, 0, sizeof *out);
     size_t len;
-    char *text = read_gz(path, &len, err, cap);
+    char *text = path ? read_gz(path, &len, err, cap) : inflate_embedded(&len, err, cap);
     if (!text) return -1;
     int rows = 0;
     for (size_t i = 0; i < len; i++)
@@ -88,7 +130,7 @@ int demo_load_digits_csv(const char *path, demo_dataset *out, char *err, size_t 
     if (len && text[len - 1] != '\n') rows++;
     if (rows == 0 || alloc_dataset(out, rows, DIM, CLASSES)) {
         free(text);
-        return fail(err, cap, "%s: %s", path, rows ? "out of memory" : "empty file");
+        return fail(err, cap, "%s: %s", name, rows ? "out of memory" : "empty file");
     }
     char *p = text;
     int n = 0;
@@ -101,7 +143,7 @@ int demo_load_digits_csv(const char *path, demo_dataset *out, char *err, size_t 
             if (end == p || !(v >= 0 && v <= (j < DIM ? 16 : CLASSES - 1)) || (j == DIM && v != floor(v))) {
                 free(text);
                 demo_dataset_free(out);
-                return fail(err, cap, "%s: line %d, field %d: expected %s", path, n + 1, j + 1,
+                return fail(err, cap, "%s: line %d, field %d: expected %s", name, n + 1, j + 1,
                             j < DIM ? "a pixel value 0..16" : "a label 0..9");
             }
             p = end;
@@ -109,7 +151,7 @@ int demo_load_digits_csv(const char *path, demo_dataset *out, char *err, size_t 
                 if (*p != ',') {
                     free(text);
                     demo_dataset_free(out);
-                    return fail(err, cap, "%s: line %d: expected %d comma-separated values", path, n + 1, DIM + 1);
+                    return fail(err, cap, "%s: line %d: expected %d comma-separated values", name, n + 1, DIM + 1);
                 }
                 p++;
                 out->x[(size_t)n * DIM + j] = (float)(v / 16.0);
@@ -121,7 +163,7 @@ int demo_load_digits_csv(const char *path, demo_dataset *out, char *err, size_t 
         if (*p && *p != '\n') {
             free(text);
             demo_dataset_free(out);
-            return fail(err, cap, "%s: line %d: trailing characters", path, n + 1);
+            return fail(err, cap, "%s: line %d: trailing characters", name, n + 1);
         }
         n++;
     }

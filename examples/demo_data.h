@@ -18,7 +18,8 @@ typedef struct demo_dataset {
 } demo_dataset;
 
 /* Reads the digits CSV (plain or gzip): each line holds 64 pixels 0..16 then the label 0..9.
- * Returns 0, or -1 with a message in err. */
+ * path NULL: the copy of data/digits.csv.gz compiled into the program. Returns 0, or -1 with a message
+ * in err. */
 int demo_load_digits_csv(const char *path, demo_dataset *out, char *err, size_t err_cap);
 
 /* Reads an IDX image file (magic 0x803, uint8) and its label file (magic 0x801) into one data set,

@@ -27,9 +27,6 @@
 #include <omp.h>
 #endif
 
-#ifndef BNORM_DEMO_DATA_DIR
-#define BNORM_DEMO_DATA_DIR "data"
-#endif
 #define FASHION_DIR "/usr/share/datasets/fashion-mnist"
 
 typedef struct config {
@@ -82,7 +79,7 @@ static void usage(FILE *f) {
     fprintf(f,
             "usage: train_digits [options]\n"
             "  --fashion          Fashion-MNIST from " FASHION_DIR " (apt-get install dataset-fashion-mnist)\n"
-            "  --data PATH        digits CSV (default " BNORM_DEMO_DATA_DIR "/digits.csv.gz) or Fashion-MNIST directory\n"
+            "  --data PATH        digits CSV (default: data/digits.csv.gz, built in) or Fashion-MNIST directory\n"
             "  --epochs N         training epochs (default 20 digits, 5 fashion)\n"
             "  --lr X             SGD learning rate, both networks (default 0.5)\n"
             "  --momentum X       SGD momentum (default 0.9)\n"
@@ -180,7 +177,7 @@ static int load_data(const config *c, demo_dataset *train, demo_dataset *test) {
         return 0;
     }
     demo_dataset all;
-    const char *path = c->data ? c->data : BNORM_DEMO_DATA_DIR "/digits.csv.gz";
+    const char *path = c->data;
     if (demo_load_digits_csv(path, &all, err, sizeof err)) goto fail;
     int rc = demo_split(&all, c->test_size, c->seed, train, test, err, sizeof err);
     demo_dataset_free(&all);

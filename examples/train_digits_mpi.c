@@ -42,9 +42,6 @@
 #include <omp.h>
 #endif
 
-#ifndef BNORM_DEMO_DATA_DIR
-#define BNORM_DEMO_DATA_DIR "data"
-#endif
 
 typedef struct config {
     int epochs, batch, hidden, test_size, threads, quiet, sync, fill, early_steps;
@@ -86,7 +83,7 @@ static void check(int ok, const char *fmt, ...) {
 static void usage(FILE *f) {
     fprintf(f,
             "usage: mpirun -np K train_digits_mpi [options]\n"
-            "  --data PATH        digits CSV (default " BNORM_DEMO_DATA_DIR "/digits.csv.gz)\n"
+            "  --data PATH        digits CSV (default: data/digits.csv.gz, built in)\n"
             "  --epochs N         training epochs (default 6)\n"
             "  --lr X             SGD learning rate (default 0.5)\n"
             "  --momentum X       SGD momentum (default 0.9)\n"
@@ -387,7 +384,7 @@ int main(int argc, char **argv) {
     /* Every rank: the same data, split, initial weights and batch order as train_digits. */
     char err[512] = "";
     demo_dataset all, tr = {0}, te = {0};
-    const char *path = c.data ? c.data : BNORM_DEMO_DATA_DIR "/digits.csv.gz";
+    const char *path = c.data;
     int failed = demo_load_digits_csv(path, &all, err, sizeof err) != 0;
     if (!failed) {
         failed = demo_split(&all, c.test_size, c.seed, &tr, &te, err, sizeof err) != 0;

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # deps.sh - installs, with apt-get, the Debian packages bnorm's build, tests, demo and benchmark use,
 # when they are missing. Sourced by scripts/test.sh and scripts/demo.sh; needs root for installs.
-#   usage: scripts/deps.sh [core|test|demo|bench]...
+#   usage: scripts/deps.sh [core|test|demo|mpi|bench]...
 set -euo pipefail
 
 pkgs_core=(build-essential cmake pkg-config)
-pkgs_test=(libopenmpi-dev openmpi-bin python3 python3-numpy python3-torch clang libclang-rt-14-dev valgrind zlib1g-dev)
+pkgs_test=(libopenmpi-dev openmpi-bin python3 python3-numpy python3-torch clang libclang-rt-14-dev valgrind zlib1g-dev libcjson-dev)
 pkgs_demo=(zlib1g-dev gnuplot-nox)
+pkgs_mpi=(libopenmpi-dev openmpi-bin zlib1g-dev)
 pkgs_bench=(libdnnl-dev python3-torch gnuplot-nox)
 
 want=("${pkgs_core[@]}")
@@ -15,6 +16,7 @@ for part in "$@"; do
     core) ;;
     test) want+=("${pkgs_test[@]}" "${pkgs_demo[@]}") ;;
     demo) want+=("${pkgs_demo[@]}") ;;
+    mpi) want+=("${pkgs_mpi[@]}") ;;
     bench) want+=("${pkgs_bench[@]}") ;;
     *) echo "deps.sh: unknown part '$part'" >&2; exit 2 ;;
   esac

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # test.sh - the one command that builds bnorm and runs every test (README: "Run the tests").
 #   1. installs missing Debian packages (apt-get, as root),
-#   2. builds the library with MPI and runs the whole ctest suite (unit, PyTorch fixtures, MPI with
-#      real processes, state I/O and its fuzzer, demo, benchmark smoke test),
+#   2. builds the library with MPI and runs the whole ctest suite (unit, PyTorch fixtures and the CNN
+#      inference example, MPI with real processes, state I/O and its fuzzer, demo and docs/demo.md's
+#      numbers, the installed package's consumers, the README's example and commands, benchmark smoke),
 #   3. rebuilds with AddressSanitizer + UndefinedBehaviorSanitizer and runs the suite again,
 #   4. rebuilds the embedding tests with ThreadSanitizer (OpenMP off: libgomp is not instrumented, so
 #      the threads are a caller's pthread pool) and runs them,

@@ -15,3 +15,19 @@ if(BNORM_BUILD_EXAMPLES AND ZLIB_FOUND AND EXISTS ${PROJECT_SOURCE_DIR}/examples
            COMMAND train_digits --check --threads 1 --out ${CMAKE_CURRENT_BINARY_DIR}/demo_train_digits_state)
   set_tests_properties(demo_train_digits PROPERTIES TIMEOUT 120)
 endif()
+
+# demo_doc_current: the sample output and the accuracy tables in docs/demo.md are what the programs
+# print now (scripts/demo_doc.py --check reruns them: about 45 short runs and one 2-rank MPI run, a
+# minute; timings and the kernel name are not compared). Needs the MPI example, so only with
+# -DBNORM_MPI=ON, and not in sanitizer builds (same numbers, ten times slower).
+if(BNORM_BUILD_EXAMPLES AND BNORM_MPI AND NOT BNORM_SANITIZE AND ZLIB_FOUND)
+  find_package(Python3 COMPONENTS Interpreter)
+  if(Python3_FOUND)
+    set(bnorm_python ${Python3_EXECUTABLE})
+  else()
+    set(bnorm_python /usr/bin/python3)
+  endif()
+  add_test(NAME demo_doc_current
+           COMMAND ${bnorm_python} ${PROJECT_SOURCE_DIR}/scripts/demo_doc.py --check ${PROJECT_BINARY_DIR})
+  set_tests_properties(demo_doc_current PROPERTIES TIMEOUT 600 PASS_REGULAR_EXPRESSION "demo_doc: OK")
+endif()

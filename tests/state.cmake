@@ -16,21 +16,14 @@ file(MAKE_DIRECTORY ${BNORM_INTEROP_OUT})
 add_test(NAME test_state_interop
          COMMAND test_state_interop ${CMAKE_CURRENT_SOURCE_DIR}/interop/data ${BNORM_INTEROP_OUT})
 
-# Live PyTorch, both ways: only when the system Python can import torch.
-set(BNORM_TORCH_PYTHON /usr/bin/python3 CACHE FILEPATH "Python with torch for the state interop test")
-if(EXISTS ${BNORM_TORCH_PYTHON})
-  execute_process(COMMAND ${BNORM_TORCH_PYTHON} -c "import torch"
-                  RESULT_VARIABLE BNORM_TORCH_RC OUTPUT_QUIET ERROR_QUIET TIMEOUT 120)
-  if(BNORM_TORCH_RC EQUAL 0)
-    set(BNORM_INTEROP_TORCH_OUT ${CMAKE_CURRENT_BINARY_DIR}/interop_torch)
-    file(MAKE_DIRECTORY ${BNORM_INTEROP_TORCH_OUT})
-    add_test(NAME test_state_interop_torch
-             COMMAND ${BNORM_TORCH_PYTHON} ${CMAKE_CURRENT_SOURCE_DIR}/interop/torch_interop.py run
-                     $<TARGET_FILE:test_state_interop> ${BNORM_INTEROP_TORCH_OUT})
-  else()
-    message(STATUS "bnorm: ${BNORM_TORCH_PYTHON} cannot import torch: test_state_interop_torch skipped")
-  endif()
-endif()
+# Live PyTorch, both ways. Always registered; scripts/need_torch.sh fails it, saying what to install,
+# when /usr/bin/python3 cannot import torch at test time.
+set(BNORM_INTEROP_TORCH_OUT ${CMAKE_CURRENT_BINARY_DIR}/interop_torch)
+file(MAKE_DIRECTORY ${BNORM_INTEROP_TORCH_OUT})
+add_test(NAME test_state_interop_torch
+         COMMAND bash ${PROJECT_SOURCE_DIR}/scripts/need_torch.sh /usr/bin/python3
+                 ${CMAKE_CURRENT_SOURCE_DIR}/interop/torch_interop.py run
+                 $<TARGET_FILE:test_state_interop> ${BNORM_INTEROP_TORCH_OUT})
 
 # libFuzzer: the loader and the listing built with clang -fsanitize=fuzzer,address (the library's
 # sources compiled again, scalar kernels only), run for a bounded time on a copy of the committed seeds.
@@ -50,7 +43,7 @@ if(BNORM_CLANG)
     set(fuzz_exe ${CMAKE_CURRENT_BINARY_DIR}/fuzz_safetensors)
     add_custom_command(OUTPUT ${fuzz_exe}
       COMMAND ${BNORM_CLANG} -std=c11 -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined
-              -DBN_ISA=scalar -I${PROJECT_SOURCE_DIR}/include -I${src}
+              -DBN_ISA=scalar -I${PROJECT_SOURCE_DIR}/include -I${BNORM_GENERATED_INCLUDE} -I${src}
               ${fuzz_sources} -lm -o ${fuzz_exe}
       DEPENDS ${fuzz_sources} ${src}/core/internal.h ${src}/core/plan.h ${src}/layer/layer_internal.h
               ${PROJECT_SOURCE_DIR}/include/bnorm/bnorm.h

@@ -38,6 +38,12 @@ int main(void) {
 
     sprintf(version, "%d.%d.%d", BNORM_VERSION_MAJOR, BNORM_VERSION_MINOR, BNORM_VERSION_PATCH);
     CHECK(strcmp(bnorm_version_string(), version) == 0);
+    CHECK(strcmp(bnorm_version_string(), BNORM_VERSION_STRING) == 0);
+    CHECK(bnorm_version() == BNORM_VERSION);
+    CHECK(BNORM_VERSION == BNORM_VERSION_MAJOR * 10000 + BNORM_VERSION_MINOR * 100 + BNORM_VERSION_PATCH);
+#ifdef BNORM_CMAKE_PROJECT_VERSION
+    CHECK(strcmp(bnorm_version_string(), BNORM_CMAKE_PROJECT_VERSION) == 0);
+#endif
     CHECK(strcmp(bnorm_status_string(BNORM_STATUS_OK), "success") == 0);
     CHECK(bnorm_desc_check(&d) == BNORM_STATUS_OK);
     CHECK(bnorm_desc_numel(&d) == 8);

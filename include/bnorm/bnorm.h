@@ -81,12 +81,15 @@ extern "C" {
 #  define BNORM_API
 #endif
 
-#define BNORM_VERSION_MAJOR 0
-#define BNORM_VERSION_MINOR 1
-#define BNORM_VERSION_PATCH 0
+/* BNORM_VERSION_MAJOR, _MINOR, _PATCH, BNORM_VERSION (MAJOR * 10000 + MINOR * 100 + PATCH) and
+ * BNORM_VERSION_STRING: the version of this header, generated from the CMake project version. */
+#include <bnorm/bnorm_version.h>
 
-/* Library version as "MAJOR.MINOR.PATCH" (of the library actually linked). */
+/* Version of the library actually linked, as "MAJOR.MINOR.PATCH" and as MAJOR * 10000 + MINOR * 100 +
+ * PATCH. A program built against this header may check bnorm_version() == BNORM_VERSION (while the
+ * major version is 0, each minor version may change the ABI; the soname says which). */
 BNORM_API const char *bnorm_version_string(void);
+BNORM_API unsigned bnorm_version(void);
 
 /* ---------------------------------------------------------------------------------------------
  * Status codes and errors

@@ -29,7 +29,9 @@ bnorm_status bn_fail(bnorm_status status, const char *func, const char *fmt, ...
     return status;
 }
 
-const char *bnorm_version_string(void) { return "0.1.0"; }
+const char *bnorm_version_string(void) { return BNORM_VERSION_STRING; }
+
+unsigned bnorm_version(void) { return BNORM_VERSION; }
 
 bnorm_status bn_error_reprefix(const char *func, bnorm_status status) {
     if (status == BNORM_STATUS_OK) return status;
