@@ -273,7 +273,8 @@ typedef struct bnorm_comm {
  *                 count) or bnorm_plan_workspace_size. With num_threads = 0, a call whose workspace is
  *                 too small for the default count runs on as many threads as it was sized for, so a
  *                 workspace stays valid whatever the default becomes; with num_threads > 0 it must fit.
- *   num_threads   threads of this call; 0: bnorm_get_num_threads() (read once).
+ *   num_threads   threads of this call, as given; 0: bnorm_get_num_threads() (read once), but at most
+ *                 one thread per 32768 elements (tiny tensors run on the calling thread).
  *   threadpool    optional caller pool (see bnorm_threadpool); NULL: OpenMP.
  *   save_mean_lo  [C] parameter dtype, optional output with save_mean: the part of the batch mean that
  *                 save_mean's rounding dropped (mean - save_mean, rounded), so hi + lo carries the

@@ -71,11 +71,18 @@ void bn_exec_run(const bn_exec *ex, void (*fn)(void *ctx, int t), void *ctx) {
 
 enum { BN_MAX_THREADS = 4096 };
 
-static bnorm_status bn_exec_init(const char *func, bn_exec *ex, int num_threads, const bnorm_threadpool *pool) {
+int bn_default_threads(const bn_geom *g) {
+    int nt = bnorm_get_num_threads();
+    const int64_t share = g->numel / BN_GRAIN + 1;
+    return share < nt ? (int)share : nt;
+}
+
+static bnorm_status bn_exec_init(const char *func, bn_exec *ex, int num_threads, const bnorm_threadpool *pool,
+                                 const bn_geom *g) {
     if (num_threads < 0 || num_threads > BN_MAX_THREADS)
         return bn_fail(BNORM_STATUS_INVALID_ARGUMENT, func, "num_threads = %d: must be in [0, %d]", num_threads,
                        BN_MAX_THREADS);
-    ex->nt = num_threads > 0 ? num_threads : bnorm_get_num_threads();
+    ex->nt = num_threads > 0 ? num_threads : bn_default_threads(g);
     if (ex->nt > BN_MAX_THREADS) ex->nt = BN_MAX_THREADS;
     memset(&ex->pool, 0, sizeof ex->pool);
     if (pool) {
@@ -197,7 +204,7 @@ bnorm_status bn_plan_init_forward(const char *F, bnorm_plan *p, const bnorm_forw
     memset(p, 0, sizeof *p);
     bnorm_status st = bn_fwd_check_config(F, a, &p->g);
     if (st) return st;
-    st = bn_exec_init(F, &p->ex, a->num_threads, a->threadpool);
+    st = bn_exec_init(F, &p->ex, a->num_threads, a->threadpool, &p->g);
     if (st) return st;
     p->op = BN_OP_FORWARD;
     p->fa = *a;
@@ -213,7 +220,7 @@ bnorm_status bn_plan_init_backward(const char *F, bnorm_plan *p, const bnorm_bac
     memset(p, 0, sizeof *p);
     bnorm_status st = bn_bwd_check_config(F, a, &p->g);
     if (st) return st;
-    st = bn_exec_init(F, &p->ex, a->num_threads, a->threadpool);
+    st = bn_exec_init(F, &p->ex, a->num_threads, a->threadpool, &p->g);
     if (st) return st;
     p->op = BN_OP_BACKWARD;
     p->ba = *a;

@@ -19,6 +19,13 @@ typedef struct bn_exec {
     bnorm_threadpool pool; /* pool.parallel_for NULL: OpenMP */
 } bn_exec;
 
+/* The default thread count of a call on g: bnorm_get_num_threads(), but no more than one thread per
+ * BN_GRAIN elements (a parallel region costs microseconds, more on a busy machine, which tensors of a
+ * few thousand values do not repay; PyTorch's grain is 32768 elements too). An explicit count is
+ * honoured as given. */
+enum { BN_GRAIN = 32768 };
+int bn_default_threads(const bn_geom *g);
+
 /* Runs fn(ctx, t) for t in [0, ex->nt). */
 void bn_exec_run(const bn_exec *ex, void (*fn)(void *ctx, int t), void *ctx);
 

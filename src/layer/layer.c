@@ -244,7 +244,9 @@ static bnorm_status bn_layer_check_desc(const char *F, const bnorm_layer *l, con
 }
 
 /* The thread count of one layer call, read once; the workspace is sized for exactly that count. */
-static int bn_layer_threads(const bnorm_layer *l) { return l->num_threads > 0 ? l->num_threads : bnorm_get_num_threads(); }
+static int bn_layer_threads(const bnorm_layer *l, const bn_geom *g) {
+    return l->num_threads > 0 ? l->num_threads : bn_default_threads(g);
+}
 
 static bnorm_status bn_layer_workspace(const char *F, bnorm_layer *l, const bnorm_desc *desc, int comm_size, int nt) {
     size_t need = bn_workspace_bytes(desc, comm_size, nt);
@@ -283,7 +285,7 @@ static bnorm_status bn_layer_forward(const char *F, bnorm_layer *l, bnorm_layer_
     const int batch_stats = (l->training && !o->freeze) || !track;
     const int update = l->training && track && !o->freeze;
     const int64_t C = o->num_features;
-    const int nt = bn_layer_threads(l);
+    const int nt = bn_layer_threads(l, &g);
 
     if (o->fused_relu) {
         st = bn_grow(F, (void **)&ctx->mask, &ctx->mask_cap, bnorm_relu_mask_size(desc));
@@ -384,7 +386,7 @@ static bnorm_status bn_layer_backward(const char *F, bnorm_layer *l, bnorm_layer
     const bnorm_comm *comm = ctx->synced ? &l->comm : NULL;
     if (comm && !l->has_comm)
         return bn_fail(BNORM_STATUS_STATE, F, "the forward was synchronized but the communicator was removed since");
-    const int nt = bn_layer_threads(l);
+    const int nt = bn_layer_threads(l, &g);
     st = bn_layer_workspace(F, l, desc, comm ? comm->size : 1, nt);
     if (st) return st;
     bnorm_backward_args a = {.struct_size = sizeof a, .desc = *desc, .x = x, .dy = dy, .dx = dx, .weight = l->weight,
