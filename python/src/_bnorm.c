@@ -217,10 +217,11 @@ fail:
     return -1;
 }
 
-/* Is v laid out contiguously in this layout? Dims of size 1 may have any stride. */
-static int view_is_layout(const view *v, bnorm_layout layout)
+/* Is v laid out contiguously in this layout? Dims of size 1 may have any stride. An empty tensor
+ * (N = 0 on one rank of a synchronized group) is judged by its strides as if its size-0 dims were 1,
+ * so that an empty channels-last tensor is still channels-last; strict = 0 accepts any empty one. */
+static int view_is_layout_impl(const view *v, bnorm_layout layout)
 {
-    if (view_numel(v) == 0) return 1;
     int order[BNORM_MAX_RANK], k = 0;
     if (layout == BNORM_LAYOUT_CHANNELS_FIRST || v->ndim < 2) {
         for (int i = 0; i < v->ndim; i++) order[k++] = i;
@@ -232,10 +233,15 @@ static int view_is_layout(const view *v, bnorm_layout layout)
     int64_t expect = 1;
     for (int j = v->ndim - 1; j >= 0; j--) {
         int i = order[j];
-        if (v->shape[i] != 1 && v->strides[i] != expect) return 0;
-        expect *= v->shape[i];
+        if (v->shape[i] > 1 && v->strides[i] != expect) return 0;
+        expect *= v->shape[i] > 1 ? v->shape[i] : 1;
     }
     return 1;
+}
+
+static int view_is_layout(const view *v, bnorm_layout layout)
+{
+    return view_is_layout_impl(v, layout) || view_numel(v) == 0;
 }
 
 /* A data tensor of a call: rank, dtype, contiguity. Sets desc from the first one (x). */
@@ -257,10 +263,12 @@ static int data_view(PyObject *obj, const char *name, int want_write, view *v, b
         desc->dtype = (bnorm_dtype)v->dtype;
         desc->rank = v->ndim;
         for (int i = 0; i < v->ndim; i++) desc->dims[i] = v->shape[i];
-        if (view_is_layout(v, BNORM_LAYOUT_CHANNELS_FIRST)) {
+        if (view_is_layout_impl(v, BNORM_LAYOUT_CHANNELS_FIRST)) {
             desc->layout = BNORM_LAYOUT_CHANNELS_FIRST;
-        } else if (view_is_layout(v, BNORM_LAYOUT_CHANNELS_LAST)) {
+        } else if (view_is_layout_impl(v, BNORM_LAYOUT_CHANNELS_LAST)) {
             desc->layout = BNORM_LAYOUT_CHANNELS_LAST;
+        } else if (view_numel(v) == 0) {
+            desc->layout = BNORM_LAYOUT_CHANNELS_FIRST; /* empty with odd strides: nothing to read */
         } else {
             PyErr_Format(PyExc_ValueError, "bnorm: %s is not contiguous: it must be C-contiguous (channels-first) or "
                          "channels-last; copy it first (numpy.ascontiguousarray, tensor.contiguous())", name);
