@@ -3,8 +3,10 @@
 #   1. installs missing Debian packages (apt-get, as root),
 #   2. builds the library with MPI and runs the whole ctest suite (unit, PyTorch fixtures, MPI with
 #      real processes, state I/O and its fuzzer, demo, benchmark smoke test),
-#   3. rebuilds with AddressSanitizer + UndefinedBehaviorSanitizer and runs the suite again,
-#   4. runs the core tests under valgrind.
+#   3. installs the Python package (python/) with pip and runs its pytest suite (numpy and torch modules
+#      against PyTorch, SyncBatchNorm over gloo and mpirun + mpi4py),
+#   4. rebuilds with AddressSanitizer + UndefinedBehaviorSanitizer and runs the suite again,
+#   5. runs the core tests under valgrind.
 # Build trees: build/ and build-asan/ (reused when present).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +18,13 @@ cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DBNORM_MPI=ON >/dev/null
 cmake --build build -j"$jobs" >/dev/null
 echo "== tests =="
 (cd build && ctest --output-on-failure -j1)
+
+echo "== Python package: install (pip, no download) and pytest =="
+# The documented install (README, docs/python.md); as a non-root user it installs with --user instead.
+pip_where=(--break-system-packages)
+[ "$(id -u)" = 0 ] || pip_where=(--user --break-system-packages)
+BNORM_BUILD_JOBS="$jobs" /usr/bin/python3 -m pip install -q --no-build-isolation "${pip_where[@]}" ./python
+(cd python/tests && /usr/bin/python3 -m pytest -q -p no:cacheprovider .)
 
 echo "== build (ASan + UBSan) =="
 cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Debug -DBNORM_SANITIZE=ON -DBNORM_MPI=ON -DBNORM_BUILD_BENCH=OFF >/dev/null
