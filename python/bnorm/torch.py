@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.autograd.function import once_differentiable
+from torch.utils.dlpack import to_dlpack as _to_dlpack
 
 from . import _bnorm
 
@@ -39,7 +40,8 @@ def _is_channels_last(t):
 
 
 def _prepare(x):
-    x = x.detach()
+    # no detach needed: autograd.Function.forward runs without grad recording, and the C call reads
+    # the memory through to_dlpack, which (unlike tensor.__dlpack__) accepts tensors requiring grad.
     if x.is_contiguous() or _is_channels_last(x):
         return x
     return x.contiguous()
@@ -47,12 +49,17 @@ def _prepare(x):
 
 def _like(t, ref):
     """t with ref's exact strides (copied once when they differ)."""
-    t = t.detach()
     if t.stride() == ref.stride() and t.dtype == ref.dtype:
         return t
     out = torch.empty_like(ref)
     out.copy_(t)
     return out
+
+
+def _dl(t):
+    """The tensor as a DLPack capsule for the extension (a C call; tensor.__dlpack__ is Python code and
+    cost more than the whole small-tensor batch norm)."""
+    return None if t is None else _to_dlpack(t)
 
 
 def _pdtype(dtype):
@@ -62,7 +69,6 @@ def _pdtype(dtype):
 def _param(t, pdt):
     if t is None:
         return None
-    t = t.detach()
     return t if t.dtype == pdt else t.to(pdt)
 
 
@@ -75,14 +81,15 @@ class _Function(torch.autograd.Function):
         w, b = _param(weight, pdt), _param(bias, pdt)
         ad = None if addend is None else _like(addend, xd)
         y = torch.empty_like(xd)
-        mask = torch.empty(_bnorm.relu_mask_size(xd), dtype=torch.uint8) if relu else None
+        cx = _dl(xd)
+        mask = torch.empty(_bnorm.relu_mask_size(cx), dtype=torch.uint8) if relu else None
         if training:
             rm, rv = _param(running_mean, pdt), _param(running_var, pdt)
             mean = torch.empty(c, dtype=pdt)
             invstd = torch.empty(c, dtype=pdt)
-            _bnorm.forward(xd, y, weight=w, bias=b, running_mean=rm, running_var=rv, save_mean=mean,
-                           save_invstd=invstd, addend=ad, relu_mask=mask, training=True, momentum=momentum,
-                           eps=eps, relu=relu, comm=comm)
+            _bnorm.forward(cx, _dl(y), weight=_dl(w), bias=_dl(b), running_mean=_dl(rm), running_var=_dl(rv),
+                           save_mean=_dl(mean), save_invstd=_dl(invstd), addend=_dl(ad), relu_mask=_dl(mask),
+                           training=True, momentum=momentum, eps=eps, relu=relu, comm=comm)
             for buf, tmp in ((running_mean, rm), (running_var, rv)):
                 if buf is not None and tmp is not buf and tmp.data_ptr() != buf.data_ptr():
                     buf.copy_(tmp)
@@ -90,8 +97,9 @@ class _Function(torch.autograd.Function):
         else:
             mean = _param(running_mean, pdt).clone()
             invstd = _param(running_var, pdt).clone()  # the variance: the backward adds eps
-            _bnorm.forward(xd, y, weight=w, bias=b, running_mean=mean, running_var=invstd, addend=ad,
-                           relu_mask=mask, training=False, eps=eps, relu=relu)
+            _bnorm.forward(cx, _dl(y), weight=_dl(w), bias=_dl(b), running_mean=_dl(mean),
+                           running_var=_dl(invstd), addend=_dl(ad), relu_mask=_dl(mask), training=False, eps=eps,
+                           relu=relu)
             ctx.global_stats = True
         ctx.eps = eps
         ctx.comm = comm
@@ -113,11 +121,12 @@ class _Function(torch.autograd.Function):
         dw = torch.empty(c, dtype=pdt) if need_w else None
         db = torch.empty(c, dtype=pdt) if need_b else None
         if ctx.global_stats:
-            _bnorm.backward(xd, dyd, dx=dx, weight=w, mean=mean, var=stat, eps=ctx.eps, use_global_stats=True,
-                            relu_mask=mask, daddend=da, dweight=dw, dbias=db)
+            _bnorm.backward(_dl(xd), _dl(dyd), dx=_dl(dx), weight=_dl(w), mean=_dl(mean), var=_dl(stat), eps=ctx.eps,
+                            use_global_stats=True, relu_mask=_dl(mask), daddend=_dl(da), dweight=_dl(dw),
+                            dbias=_dl(db))
         else:
-            _bnorm.backward(xd, dyd, dx=dx, weight=w, mean=mean, invstd=stat, relu_mask=mask, daddend=da,
-                            dweight=dw, dbias=db, comm=ctx.comm)
+            _bnorm.backward(_dl(xd), _dl(dyd), dx=_dl(dx), weight=_dl(w), mean=_dl(mean), invstd=_dl(stat),
+                            relu_mask=_dl(mask), daddend=_dl(da), dweight=_dl(dw), dbias=_dl(db), comm=ctx.comm)
         if dw is not None and ctx.w_dtype != pdt:
             dw = dw.to(ctx.w_dtype)
         if db is not None and ctx.w_dtype != pdt:

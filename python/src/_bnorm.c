@@ -95,6 +95,43 @@ static int format_dtype(const char *f)
     return DT_OTHER;
 }
 
+/* Fills v from a "dltensor" capsule (reference stolen, kept in v until view_release). */
+static int view_from_capsule(PyObject *cap, view *v)
+{
+    v->capsule = cap;
+    const dl_managed *m = PyCapsule_GetPointer(cap, "dltensor");
+    const dl_tensor *t = &m->dl_tensor;
+    if (t->device.device_type != 1) {
+        PyErr_Format(PyExc_ValueError, "bnorm: %s is not on the CPU (DLPack device type %d); bnorm computes on "
+                     "CPU memory only: move it with .cpu() or keep torch's own module on that device", v->name,
+                     (int)t->device.device_type);
+        return -1;
+    }
+    if (t->ndim > BNORM_MAX_RANK || t->ndim < 0) {
+        PyErr_Format(PyExc_ValueError, "bnorm: %s has rank %d; at most %d is supported", v->name, (int)t->ndim,
+                     BNORM_MAX_RANK);
+        return -1;
+    }
+    v->data = (char *)t->data + t->byte_offset;
+    v->ndim = t->ndim;
+    v->itemsize = (t->dtype.bits / 8) * (t->dtype.lanes ? t->dtype.lanes : 1);
+    v->dtype = DT_OTHER;
+    if (t->dtype.lanes == 1) {
+        if (t->dtype.code == 2 && t->dtype.bits == 32) v->dtype = BNORM_DTYPE_F32;
+        if (t->dtype.code == 2 && t->dtype.bits == 64) v->dtype = BNORM_DTYPE_F64;
+        if (t->dtype.code == 2 && t->dtype.bits == 16) v->dtype = BNORM_DTYPE_F16;
+        if (t->dtype.code == 4 && t->dtype.bits == 16) v->dtype = BNORM_DTYPE_BF16;
+    }
+    int64_t s = 1;
+    for (int i = v->ndim - 1; i >= 0; i--) {
+        v->shape[i] = t->shape[i];
+        v->strides[i] = t->strides ? t->strides[i] : s;
+        s *= t->shape[i];
+    }
+    v->readonly = 0; /* DLPack 0.x has no read-only flag; numpy refuses to export read-only arrays */
+    return 0;
+}
+
 /* Fills v from obj (numpy array or anything with the buffer protocol; else __dlpack__).
  * want_write: the call writes into it. Returns 0, or -1 with an exception set. */
 static int view_get(PyObject *obj, const char *name, int want_write, view *v)
@@ -131,6 +168,10 @@ static int view_get(PyObject *obj, const char *name, int want_write, view *v)
         if (v->ndim == 0) { /* a scalar buffer */
             v->shape[0] = 1;
         }
+    } else if (PyCapsule_IsValid(obj, "dltensor")) {
+        /* A capsule made by the caller (bnorm.torch passes torch.utils.dlpack.to_dlpack(t): much cheaper
+         * than the Python-level __dlpack__ protocol). Not consumed: its destructor frees it. */
+        if (view_from_capsule(Py_NewRef(obj), v) != 0) goto fail;
     } else {
         PyObject *fn = PyObject_GetAttrString(obj, "__dlpack__");
         if (!fn) {
@@ -170,42 +211,12 @@ static int view_get(PyObject *obj, const char *name, int want_write, view *v)
             Py_XDECREF(tb);
             return -1;
         }
-        dl_managed *m = PyCapsule_GetPointer(cap, "dltensor");
-        if (!m) {
+        if (!PyCapsule_IsValid(cap, "dltensor")) {
             Py_DECREF(cap);
-            PyErr_Clear();
             PyErr_Format(PyExc_TypeError, "bnorm: %s.__dlpack__() did not return a 'dltensor' capsule", name);
             return -1;
         }
-        v->capsule = cap;
-        const dl_tensor *t = &m->dl_tensor;
-        if (t->device.device_type != 1) {
-            PyErr_Format(PyExc_ValueError, "bnorm: %s is not on the CPU (DLPack device type %d); bnorm computes on "
-                         "CPU memory only", name, (int)t->device.device_type);
-            goto fail;
-        }
-        if (t->ndim > BNORM_MAX_RANK || t->ndim < 0) {
-            PyErr_Format(PyExc_ValueError, "bnorm: %s has rank %d; at most %d is supported", name, (int)t->ndim,
-                         BNORM_MAX_RANK);
-            goto fail;
-        }
-        v->data = (char *)t->data + t->byte_offset;
-        v->ndim = t->ndim;
-        v->itemsize = (t->dtype.bits / 8) * (t->dtype.lanes ? t->dtype.lanes : 1);
-        v->dtype = DT_OTHER;
-        if (t->dtype.lanes == 1) {
-            if (t->dtype.code == 2 && t->dtype.bits == 32) v->dtype = BNORM_DTYPE_F32;
-            if (t->dtype.code == 2 && t->dtype.bits == 64) v->dtype = BNORM_DTYPE_F64;
-            if (t->dtype.code == 2 && t->dtype.bits == 16) v->dtype = BNORM_DTYPE_F16;
-            if (t->dtype.code == 4 && t->dtype.bits == 16) v->dtype = BNORM_DTYPE_BF16;
-        }
-        int64_t s = 1;
-        for (int i = v->ndim - 1; i >= 0; i--) {
-            v->shape[i] = t->shape[i];
-            v->strides[i] = t->strides ? t->strides[i] : s;
-            s *= t->shape[i];
-        }
-        v->readonly = 0; /* DLPack 0.x has no read-only flag; numpy refuses to export read-only arrays */
+        if (view_from_capsule(cap, v) != 0) goto fail;
     }
     if (want_write && v->readonly) {
         PyErr_Format(PyExc_ValueError, "bnorm: %s is read-only; the call writes into it", name);
