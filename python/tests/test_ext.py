@@ -14,40 +14,41 @@ from bnorm import _bnorm
 
 
 def test_gil_released_during_compute():
-    """A Python thread keeps running while another is inside long bnorm calls: the spinning thread
-    makes progress (iterations less than 2 ms apart) during a good share of the calls' time. With the
-    GIL held it could only run between calls (a share near 0). The share needs only one core free for
-    part of the time, so a loaded machine does not make it fail."""
+    """A spinning Python thread records timestamps; this thread times the inside of 4 bnorm calls.
+    With the switch interval set very long, a thread can take the GIL only when its holder releases it
+    voluntarily (the spinner does, with sleep(0), every iteration; this thread only inside a call that
+    releases it). So a spinner timestamp strictly inside a call proves the call released the GIL; with
+    the GIL held (a planted bug) there can be none, whatever the machine's load."""
     x = np.random.default_rng(0).standard_normal((64, 64, 64, 64)).astype(np.float32)  # 64 MiB
     y = np.empty_like(x)
     threads = bnorm.get_num_threads()
     bnorm.set_num_threads(1)
+    windows, ticks = [], []
+    stop = threading.Event()
+
+    def spin():
+        while not stop.is_set():
+            ticks.append(time.perf_counter())
+            time.sleep(0)
+
+    old = sys.getswitchinterval()
     try:
         _bnorm.forward(x, y, training=True)  # pages of y faulted in
-        done = threading.Event()
-
-        def work():
-            for _ in range(4):
-                _bnorm.forward(x, y, training=True)
-            done.set()
-
-        th = threading.Thread(target=work)
-        old = sys.getswitchinterval()
-        sys.setswitchinterval(0.0002)  # between calls the spinner gets at most this much
-        progress, start = 0.0, time.perf_counter()
-        last = start
+        sys.setswitchinterval(10.0)
+        th = threading.Thread(target=spin)
         th.start()
-        while not done.is_set():
-            now = time.perf_counter()
-            if now - last < 0.002:
-                progress += now - last
-            last = now
+        for _ in range(4):
+            t0 = time.perf_counter()
+            _bnorm.forward(x, y, training=True)
+            windows.append((t0, time.perf_counter()))
+        stop.set()
         th.join()
-        total = time.perf_counter() - start
     finally:
         sys.setswitchinterval(old)
         bnorm.set_num_threads(threads)
-    assert progress > 0.25 * total, (progress, total)
+    ticks = np.array(ticks)
+    inside = sum(int(((ticks > a) & (ticks < b)).sum()) for a, b in windows)
+    assert inside >= 3, (inside, len(ticks), windows)
 
 
 def rss_mib():
