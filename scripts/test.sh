@@ -4,10 +4,12 @@
 #   2. builds the library with MPI and runs the whole ctest suite (unit, PyTorch fixtures and the CNN
 #      inference example, MPI with real processes, state I/O and its fuzzer, demo and docs/demo.md's
 #      numbers, the installed package's consumers, the README's example and commands, benchmark smoke),
-#   3. rebuilds with AddressSanitizer + UndefinedBehaviorSanitizer and runs the suite again,
-#   4. rebuilds the embedding tests with ThreadSanitizer (OpenMP off: libgomp is not instrumented, so
+#   3. installs the Python package (python/) with pip and runs its pytest suite (numpy and torch modules
+#      against PyTorch, SyncBatchNorm over gloo and mpirun + mpi4py),
+#   4. rebuilds with AddressSanitizer + UndefinedBehaviorSanitizer and runs the suite again,
+#   5. rebuilds the embedding tests with ThreadSanitizer (OpenMP off: libgomp is not instrumented, so
 #      the threads are a caller's pthread pool) and runs them,
-#   5. runs the core tests under valgrind.
+#   6. runs the core tests under valgrind.
 # Build trees: build/, build-asan/ and build-tsan/ (reused when present).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +21,13 @@ cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DBNORM_MPI=ON >/dev/null
 cmake --build build -j"$jobs" >/dev/null
 echo "== tests =="
 (cd build && ctest --output-on-failure -j1)
+
+echo "== Python package: install (pip, no download) and pytest =="
+# The documented install (README, docs/python.md); as a non-root user it installs with --user instead.
+pip_where=(--break-system-packages)
+[ "$(id -u)" = 0 ] || pip_where=(--user --break-system-packages)
+BNORM_BUILD_JOBS="$jobs" /usr/bin/python3 -m pip install -q --no-build-isolation "${pip_where[@]}" ./python
+(cd python/tests && /usr/bin/python3 -m pytest -q -p no:cacheprovider .)
 
 echo "== build (ASan + UBSan) =="
 cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Debug -DBNORM_SANITIZE=ON -DBNORM_MPI=ON -DBNORM_BUILD_BENCH=OFF >/dev/null
