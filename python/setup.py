@@ -4,7 +4,7 @@ extension module bnorm._bnorm. No download at build time:
 
     /usr/bin/python3 -m pip install --no-build-isolation --break-system-packages ./python
 
-Needs Debian's python3-dev, python3-setuptools, python3-numpy, cmake, a C compiler and libcjson-dev.
+Needs Debian's python3-dev, python3-setuptools, python3-numpy, cmake and a C compiler.
 Environment: BNORM_CMAKE_ARGS (extra CMake arguments), BNORM_BUILD_JOBS (default: CPU count).
 """
 import os
@@ -34,6 +34,7 @@ class CMakeBuildExt(build_ext):
         subprocess.check_call(cfg)
         subprocess.check_call(["cmake", "--build", build_dir, "--target", "bnorm_static", "-j" + jobs])
         ext.include_dirs.append(os.path.join(ROOT, "include"))
+        ext.include_dirs.append(os.path.join(build_dir, "include"))  # the generated bnorm_version.h
         ext.extra_objects.append(os.path.join(build_dir, "libbnorm.a"))
         super().build_extension(ext)
 
@@ -44,7 +45,7 @@ ext = Extension(
     extra_compile_args=["-std=c11", "-O2", "-Wall", "-Wextra"],
     # the static library's symbols stay inside the extension; OpenMP and cJSON as the library needs
     extra_link_args=["-fopenmp", "-Wl,--exclude-libs,ALL"],
-    libraries=["cjson", "m"],
+    libraries=["m"],
 )
 
 setup(

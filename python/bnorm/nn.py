@@ -179,12 +179,13 @@ class BatchNorm:
         else:
             save_mean = np.empty(c, pdt)
             save_invstd = np.empty(c, pdt)
+            save_mean_lo = np.empty(c, pdt)  # the mean in full precision: hi + lo
             _bnorm.forward(x, y, weight=w, bias=b, running_mean=self.running_mean if update else None,
                            running_var=self.running_var if update else None, save_mean=save_mean,
-                           save_invstd=save_invstd, addend=addend, relu_mask=mask, relu=self._fused,
-                           training=True, momentum=self._alpha(nbt) if update else 0.0, eps=float(self.eps),
-                           comm=comm)
-            saved = dict(mean=save_mean, invstd=save_invstd, use_global_stats=False)
+                           save_invstd=save_invstd, save_mean_lo=save_mean_lo, addend=addend, relu_mask=mask,
+                           relu=self._fused, training=True, momentum=self._alpha(nbt) if update else 0.0,
+                           eps=float(self.eps), comm=comm)
+            saved = dict(mean=save_mean, mean_lo=save_mean_lo, invstd=save_invstd, use_global_stats=False)
         if update:
             self.num_batches_tracked = nbt
         saved.update(x=x, weight=w, mask=mask, has_addend=addend is not None, comm=comm, frozen=frozen)
@@ -213,8 +214,9 @@ class BatchNorm:
             _bnorm.backward(x, dy, dx=dx, weight=s["weight"], mean=s["mean"], var=s["var"], eps=s["eps"],
                             use_global_stats=True, relu_mask=s["mask"], daddend=dadd, dweight=dw, dbias=db)
         else:
-            _bnorm.backward(x, dy, dx=dx, weight=s["weight"], mean=s["mean"], invstd=s["invstd"],
-                            relu_mask=s["mask"], daddend=dadd, dweight=dw, dbias=db, comm=s["comm"])
+            _bnorm.backward(x, dy, dx=dx, weight=s["weight"], mean=s["mean"], mean_lo=s["mean_lo"],
+                            invstd=s["invstd"], relu_mask=s["mask"], daddend=dadd, dweight=dw, dbias=db,
+                            comm=s["comm"])
         if want_grads:
             for p, g in ((self.weight, dw), (self.bias, db)):
                 p.grad = g.astype(p.dtype) if p.grad is None else p.grad + g

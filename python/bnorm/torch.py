@@ -87,9 +87,10 @@ class _Function(torch.autograd.Function):
             rm, rv = _param(running_mean, pdt), _param(running_var, pdt)
             mean = torch.empty(c, dtype=pdt)
             invstd = torch.empty(c, dtype=pdt)
+            mean_lo = torch.empty(c, dtype=pdt)  # the mean in full precision: hi + lo
             _bnorm.forward(cx, _dl(y), weight=_dl(w), bias=_dl(b), running_mean=_dl(rm), running_var=_dl(rv),
-                           save_mean=_dl(mean), save_invstd=_dl(invstd), addend=_dl(ad), relu_mask=_dl(mask),
-                           training=True, momentum=momentum, eps=eps, relu=relu, comm=comm)
+                           save_mean=_dl(mean), save_invstd=_dl(invstd), save_mean_lo=_dl(mean_lo), addend=_dl(ad),
+                           relu_mask=_dl(mask), training=True, momentum=momentum, eps=eps, relu=relu, comm=comm)
             for buf, tmp in ((running_mean, rm), (running_var, rv)):
                 if buf is not None and tmp is not buf and tmp.data_ptr() != buf.data_ptr():
                     buf.copy_(tmp)
@@ -100,18 +101,19 @@ class _Function(torch.autograd.Function):
             _bnorm.forward(cx, _dl(y), weight=_dl(w), bias=_dl(b), running_mean=_dl(mean),
                            running_var=_dl(invstd), addend=_dl(ad), relu_mask=_dl(mask), training=False, eps=eps,
                            relu=relu)
+            mean_lo = None
             ctx.global_stats = True
         ctx.eps = eps
         ctx.comm = comm
         ctx.has_addend = addend is not None
         ctx.w_dtype = None if weight is None else weight.dtype
-        ctx.save_for_backward(xd, w, mean, invstd, mask)
+        ctx.save_for_backward(xd, w, mean, invstd, mask, mean_lo)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        xd, w, mean, stat, mask = ctx.saved_tensors
+        xd, w, mean, stat, mask, mean_lo = ctx.saved_tensors
         need_x, need_w, need_b, need_a = ctx.needs_input_grad[:4]
         dyd = _like(dy, xd)
         pdt = _pdtype(xd.dtype)
@@ -125,8 +127,9 @@ class _Function(torch.autograd.Function):
                             use_global_stats=True, relu_mask=_dl(mask), daddend=_dl(da), dweight=_dl(dw),
                             dbias=_dl(db))
         else:
-            _bnorm.backward(_dl(xd), _dl(dyd), dx=_dl(dx), weight=_dl(w), mean=_dl(mean), invstd=_dl(stat),
-                            relu_mask=_dl(mask), daddend=_dl(da), dweight=_dl(dw), dbias=_dl(db), comm=ctx.comm)
+            _bnorm.backward(_dl(xd), _dl(dyd), dx=_dl(dx), weight=_dl(w), mean=_dl(mean), mean_lo=_dl(mean_lo),
+                            invstd=_dl(stat), relu_mask=_dl(mask), daddend=_dl(da), dweight=_dl(dw), dbias=_dl(db),
+                            comm=ctx.comm)
         if dw is not None and ctx.w_dtype != pdt:
             dw = dw.to(ctx.w_dtype)
         if db is not None and ctx.w_dtype != pdt:

@@ -446,20 +446,20 @@ static PyObject *raise_status(bnorm_status s, pycomm *pc)
 
 /* --- forward / backward ------------------------------------------------------------------------ */
 
-#define NVIEWS 10
+#define NVIEWS 11
 
 static PyObject *py_forward(PyObject *self, PyObject *args, PyObject *kw)
 {
     (void)self;
     static char *kwlist[] = {"x", "y", "weight", "bias", "running_mean", "running_var", "save_mean",
                              "save_invstd", "addend", "relu_mask", "training", "momentum", "eps", "relu",
-                             "comm", NULL};
+                             "comm", "save_mean_lo", NULL};
     PyObject *ox, *oy, *ow = Py_None, *ob = Py_None, *orm = Py_None, *orv = Py_None, *osm = Py_None,
-             *osi = Py_None, *oa = Py_None, *omask = Py_None, *ocomm = Py_None;
+             *osi = Py_None, *oa = Py_None, *omask = Py_None, *ocomm = Py_None, *oslo = Py_None;
     int training = 0, relu = 0;
     double momentum = 0.1, eps = 1e-5;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|$OOOOOOOOpddpO", kwlist, &ox, &oy, &ow, &ob, &orm, &orv, &osm,
-                                     &osi, &oa, &omask, &training, &momentum, &eps, &relu, &ocomm))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|$OOOOOOOOpddpOO", kwlist, &ox, &oy, &ow, &ob, &orm, &orv, &osm,
+                                     &osi, &oa, &omask, &training, &momentum, &eps, &relu, &ocomm, &oslo))
         return NULL;
     view v[NVIEWS];
     memset(v, 0, sizeof v);
@@ -472,7 +472,8 @@ static PyObject *py_forward(PyObject *self, PyObject *args, PyObject *kw)
     if (oa != Py_None && data_view(oa, "addend", 0, &v[2], &d, 0)) goto done;
     if (chan_view(ow, "weight", 0, &d, &v[3]) || chan_view(ob, "bias", 0, &d, &v[4]) ||
         chan_view(orm, "running_mean", !!training, &d, &v[5]) || chan_view(orv, "running_var", !!training, &d, &v[6]) ||
-        chan_view(osm, "save_mean", 1, &d, &v[7]) || chan_view(osi, "save_invstd", 1, &d, &v[8]))
+        chan_view(osm, "save_mean", 1, &d, &v[7]) || chan_view(osi, "save_invstd", 1, &d, &v[8]) ||
+        chan_view(oslo, "save_mean_lo", 1, &d, &v[10]))
         goto done;
     if (omask != Py_None) {
         if (view_get(omask, "relu_mask", 1, &v[9]) != 0) goto done;
@@ -488,7 +489,7 @@ static PyObject *py_forward(PyObject *self, PyObject *args, PyObject *kw)
         .desc = d, .x = v[0].data, .y = v[1].data, .weight = v[3].data, .bias = v[4].data, .eps = eps,
         .training = training, .running_mean = v[5].data, .running_var = v[6].data, .momentum = momentum,
         .save_mean = v[7].data, .save_invstd = v[8].data, .addend = v[2].data, .relu = relu,
-        .relu_mask = v[9].data, .comm = cp};
+        .relu_mask = v[9].data, .comm = cp, .save_mean_lo = v[10].data};
     bnorm_status s;
     Py_BEGIN_ALLOW_THREADS
     s = bnorm_forward(&a);
@@ -509,13 +510,14 @@ static PyObject *py_backward(PyObject *self, PyObject *args, PyObject *kw)
     (void)self;
     static char *kwlist[] = {"x", "dy", "dx", "weight", "mean", "invstd", "var", "eps", "use_global_stats",
                              "relu_mask", "daddend", "dweight", "dbias", "accumulate", "comm",
-                             "reduce_param_grads", NULL};
+                             "reduce_param_grads", "mean_lo", NULL};
     PyObject *ox, *ody, *odx = Py_None, *ow = Py_None, *omean = Py_None, *oinv = Py_None, *ovar = Py_None,
-             *omask = Py_None, *oda = Py_None, *odw = Py_None, *odb = Py_None, *ocomm = Py_None;
+             *omask = Py_None, *oda = Py_None, *odw = Py_None, *odb = Py_None, *ocomm = Py_None, *omlo = Py_None;
     double eps = 0;
     int global = 0, accumulate = 0, reduce = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|$OOOOOdpOOOOpOp", kwlist, &ox, &ody, &odx, &ow, &omean, &oinv,
-                                     &ovar, &eps, &global, &omask, &oda, &odw, &odb, &accumulate, &ocomm, &reduce))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|$OOOOOdpOOOOpOpO", kwlist, &ox, &ody, &odx, &ow, &omean, &oinv,
+                                     &ovar, &eps, &global, &omask, &oda, &odw, &odb, &accumulate, &ocomm, &reduce,
+                                     &omlo))
         return NULL;
     view v[NVIEWS];
     memset(v, 0, sizeof v);
@@ -529,7 +531,8 @@ static PyObject *py_backward(PyObject *self, PyObject *args, PyObject *kw)
     if (oda != Py_None && data_view(oda, "daddend", 1, &v[3], &d, 0)) goto done;
     if (chan_view(ow, "weight", 0, &d, &v[4]) || chan_view(omean, "mean", 0, &d, &v[5]) ||
         chan_view(oinv, "invstd", 0, &d, &v[6]) || chan_view(ovar, "var", 0, &d, &v[7]) ||
-        chan_view(odw, "dweight", 1, &d, &v[8]) || chan_view(odb, "dbias", 1, &d, &v[9]))
+        chan_view(odw, "dweight", 1, &d, &v[8]) || chan_view(odb, "dbias", 1, &d, &v[9]) ||
+        chan_view(omlo, "mean_lo", 0, &d, &v[10]))
         goto done;
     view mask;
     memset(&mask, 0, sizeof mask);
@@ -551,7 +554,7 @@ static PyObject *py_backward(PyObject *self, PyObject *args, PyObject *kw)
         .desc = d, .x = v[0].data, .dy = v[1].data, .dx = v[2].data, .weight = v[4].data, .mean = v[5].data,
         .invstd = v[6].data, .var = v[7].data, .eps = eps, .use_global_stats = global, .relu_mask = mask.data,
         .daddend = v[3].data, .dweight = v[8].data, .dbias = v[9].data, .accumulate = accumulate, .comm = cp,
-        .reduce_param_grads = reduce};
+        .reduce_param_grads = reduce, .mean_lo = v[10].data};
     bnorm_status s;
     Py_BEGIN_ALLOW_THREADS
     s = bnorm_backward(&a);
