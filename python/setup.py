@@ -43,7 +43,7 @@ ext = Extension(
     "bnorm._bnorm",
     sources=["src/_bnorm.c"],
     extra_compile_args=["-std=c11", "-O2", "-Wall", "-Wextra"],
-    # the static library's symbols stay inside the extension; OpenMP and cJSON as the library needs
+    # the static library's symbols stay inside the extension; OpenMP as the library needs
     extra_link_args=["-fopenmp", "-Wl,--exclude-libs,ALL"],
     libraries=["m"],
 )
