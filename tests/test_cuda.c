@@ -427,8 +427,11 @@ int main(void) {
     if (!th_cuda_usable("test_cuda")) return TH_SKIP;
     th_seed(20);
     const bnorm_dtype dts[] = {BNORM_DTYPE_F32, BNORM_DTYPE_F64, BNORM_DTYPE_F16, BNORM_DTYPE_BF16};
+    /* BNORM_TEST_CUDA_CASES: random cases per dtype (default 40; gpu_check.sh's sanitizer runs use fewer) */
+    const char *ncase = getenv("BNORM_TEST_CUDA_CASES");
+    const int cases = ncase ? atoi(ncase) : 40;
     for (int k = 0; k < 4; k++)
-        for (int i = 0; i < 40; i++) {
+        for (int i = 0; i < cases; i++) {
             tcase t;
             random_case(&t, dts[k]);
             run_case(&t);
