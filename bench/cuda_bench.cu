@@ -283,6 +283,8 @@ int main(int argc, char **argv) {
                    s.h, s.w, ours[OP_FWD] > 0 ? op_bytes(OP_FWD, (double)n, (double)es) / (ours[OP_FWD] * 1e6) : 0,
                    ours[OP_FWD] > 0 ? op_bytes(OP_FWD, (double)n, (double)es) / (ours[OP_FWD] * 1e6) / copy : 0,
                    ours[OP_BWD] > 0 ? op_bytes(OP_BWD, (double)n, (double)es) / (ours[OP_BWD] * 1e6) : 0);
+            fflush(md);
+            fflush(csv);
             void *all[] = {x, y, z, dy, dx, dz, mask, ws, w, b, rm, rv, sm, si, dw, db};
             for (void *p : all) CK(cudaFree(p));
         }
