@@ -2,11 +2,36 @@
 # backend on the same inputs; without a usable GPU each prints "SKIP: ..." and exits 77, which ctest
 # reports as skipped (not passed). scripts/gpu_check.sh runs them on a GPU machine, some under
 # compute-sanitizer.
+find_package(Threads)
+
+# The CPU emulation (tests/cuda_emu, -DBNORM_CUDA_EMULATE=ON): src/cuda/backend.cu and its kernels
+# compiled as C++ against a stand-in CUDA runtime (threads of a block as fibers, blocks in sequence),
+# linked with the CPU library, and test_cuda / test_cuda_sync run on it. It checks the kernels'
+# indexing, reductions, masks and the host logic everywhere; not races or speed.
+if(BNORM_CUDA_EMULATE)
+  enable_language(CXX)
+  add_library(bnorm_cuda_emu STATIC ${BNORM_CPU_OBJECTS} cuda_emu/backend_emu.cpp cuda_emu/emu.cpp)
+  target_include_directories(bnorm_cuda_emu BEFORE PUBLIC ${CMAKE_CURRENT_SOURCE_DIR}/cuda_emu/include)
+  target_include_directories(bnorm_cuda_emu PUBLIC ${PROJECT_SOURCE_DIR}/include PRIVATE ${PROJECT_SOURCE_DIR}/src)
+  set_target_properties(bnorm_cuda_emu PROPERTIES CXX_STANDARD 17 CXX_STANDARD_REQUIRED ON)
+  target_link_libraries(bnorm_cuda_emu PUBLIC m Threads::Threads)
+  if(BNORM_OPENMP)
+    target_link_libraries(bnorm_cuda_emu PUBLIC OpenMP::OpenMP_C)
+  endif()
+  if(BNORM_STATE_IO)
+    target_link_libraries(bnorm_cuda_emu PUBLIC PkgConfig::CJSON)
+  endif()
+  foreach(t test_cuda test_cuda_sync)
+    add_executable(${t}_emu ${t}.c)
+    target_link_libraries(${t}_emu PRIVATE bnorm_testlib bnorm_cuda_emu)
+    add_test(NAME ${t}_emu COMMAND ${t}_emu)
+    set_tests_properties(${t}_emu PROPERTIES TIMEOUT 600 LABELS cuda_emu)
+  endforeach()
+endif()
+
 if(NOT BNORM_CUDA)
   return()
 endif()
-
-find_package(Threads REQUIRED)
 foreach(t test_cuda test_cuda_sync)
   bnorm_add_test(${t} ${t}.c)
   target_link_libraries(${t} PRIVATE CUDA::cudart_static Threads::Threads)

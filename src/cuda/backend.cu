@@ -10,6 +10,13 @@
  */
 #include "kernels.cuh"
 
+/* kernel<<<grid, block, 0, stream>>>(args), written so that the CPU emulation of the kernels
+ * (tests/cuda_emu/, BNORM_CUDA_EMULATE) can run the same source as plain C++. */
+#define BN_UNPAREN(...) __VA_ARGS__
+#ifndef BN_LAUNCH
+#define BN_LAUNCH(kernel, grid, block, stream, ...) BN_UNPAREN kernel<<<(grid), (block), 0, (stream)>>>(__VA_ARGS__)
+#endif
+
 #include <stdlib.h>
 
 extern "C" {
@@ -208,9 +215,9 @@ static bnorm_status bn_cuda_fwd(const char *F, const bnorm_forward_args *a, cons
     if (a->training) {
         if (g->m > 0) {
             dim3 blk(p.tx, p.ty);
-            bn_k_stats<T><<<bn_cuda_grid(p.tiles * p.nchunk), blk, 0, s>>>((const T *)a->x, kg, p, part);
+            BN_LAUNCH((bn_k_stats<T>), bn_cuda_grid(p.tiles * p.nchunk), blk, s, (const T *)a->x, kg, p, part);
             BN_CU_LAUNCHED(F, "bn_k_stats");
-            bn_k_merge_moments<<<bn_cuda_grid(C), BN_CU_THREADS, 0, s>>>(part, p.nchunk, C, gmean, gm2);
+            BN_LAUNCH((bn_k_merge_moments), bn_cuda_grid(C), BN_CU_THREADS, s, part, p.nchunk, C, gmean, gm2);
             BN_CU_LAUNCHED(F, "bn_k_merge_moments");
         }
         if (comm) {
@@ -267,10 +274,10 @@ static bnorm_status bn_cuda_fwd(const char *F, const bnorm_forward_args *a, cons
     f.ml = ml;
     f.scale = scale;
     f.shift = shift;
-    bn_k_fwd_finalize<P, A><<<bn_cuda_grid(bn_cdiv(C, BN_CU_THREADS)), BN_CU_THREADS, 0, s>>>(f);
+    BN_LAUNCH((bn_k_fwd_finalize<P, A>), bn_cuda_grid(bn_cdiv(C, BN_CU_THREADS)), BN_CU_THREADS, s, f);
     BN_CU_LAUNCHED(F, "bn_k_fwd_finalize");
     if (kg.S > 0) {
-        bn_k_fwd_apply<T><<<bn_cuda_grid(bn_cdiv(kg.S * kg.U, BN_CU_THREADS)), BN_CU_THREADS, 0, s>>>(
+        BN_LAUNCH((bn_k_fwd_apply<T>), bn_cuda_grid(bn_cdiv(kg.S * kg.U, BN_CU_THREADS)), BN_CU_THREADS, s,
             (const T *)a->x, (T *)a->y, (const T *)a->addend, (uint8_t *)a->relu_mask, kg, mh, ml, scale, shift,
             a->relu);
         BN_CU_LAUNCHED(F, "bn_k_fwd_apply");
@@ -376,15 +383,15 @@ static bnorm_status bn_cuda_bwd(const char *F, const bnorm_backward_args *a, con
             /* the reduce needs mean as hi + lo: a first finalize writes the coefficients (sums not read) */
             f.param_grads = 0;
             f.use_global_stats = 1;
-            bn_k_bwd_finalize<P, A><<<cgrid, BN_CU_THREADS, 0, s>>>(f);
+            BN_LAUNCH((bn_k_bwd_finalize<P, A>), cgrid, BN_CU_THREADS, s, f);
             BN_CU_LAUNCHED(F, "bn_k_bwd_finalize (mean)");
             f.param_grads = need_sums;
             f.use_global_stats = a->use_global_stats != 0;
             dim3 blk(p.tx, p.ty);
-            bn_k_bwd_reduce<T><<<bn_cuda_grid(p.tiles * p.nchunk), blk, 0, s>>>(
+            BN_LAUNCH((bn_k_bwd_reduce<T>), bn_cuda_grid(p.tiles * p.nchunk), blk, s,
                 (const T *)a->x, (const T *)a->dy, (const uint8_t *)a->relu_mask, kg, p, mh, ml, part);
             BN_CU_LAUNCHED(F, "bn_k_bwd_reduce");
-            bn_k_merge_sums<<<bn_cuda_grid(C), BN_CU_THREADS, 0, s>>>(part, p.nchunk, C, sg, sgx);
+            BN_LAUNCH((bn_k_merge_sums), bn_cuda_grid(C), BN_CU_THREADS, s, part, p.nchunk, C, sg, sgx);
             BN_CU_LAUNCHED(F, "bn_k_merge_sums");
         } else {
             BN_CU(F, cudaMemsetAsync(sg, 0, 2 * (size_t)C * sizeof(double), s));
@@ -423,10 +430,10 @@ static bnorm_status bn_cuda_bwd(const char *F, const bnorm_backward_args *a, con
             f.psgx = gsgx;
         }
     }
-    bn_k_bwd_finalize<P, A><<<cgrid, BN_CU_THREADS, 0, s>>>(f);
+    BN_LAUNCH((bn_k_bwd_finalize<P, A>), cgrid, BN_CU_THREADS, s, f);
     BN_CU_LAUNCHED(F, "bn_k_bwd_finalize");
     if (kg.S > 0 && (a->dx || a->daddend)) {
-        bn_k_bwd_apply<T><<<bn_cuda_grid(bn_cdiv(kg.S * kg.U, BN_CU_THREADS)), BN_CU_THREADS, 0, s>>>(
+        BN_LAUNCH((bn_k_bwd_apply<T>), bn_cuda_grid(bn_cdiv(kg.S * kg.U, BN_CU_THREADS)), BN_CU_THREADS, s,
             a->use_global_stats ? NULL : (const T *)a->x, (const T *)a->dy, (const uint8_t *)a->relu_mask, (T *)a->dx,
             (T *)a->daddend, kg, mh, ml, k1, k2, k3);
         BN_CU_LAUNCHED(F, "bn_k_bwd_apply");
