@@ -25,7 +25,8 @@ if(BNORM_CUDA_EMULATE)
     add_executable(${t}_emu ${t}.c)
     target_link_libraries(${t}_emu PRIVATE bnorm_testlib bnorm_cuda_emu)
     add_test(NAME ${t}_emu COMMAND ${t}_emu)
-    set_tests_properties(${t}_emu PROPERTIES TIMEOUT 600 LABELS cuda_emu)
+    # fibers are slow: 3 random cases per dtype (plus every fixed and edge case) keep it near a minute
+    set_tests_properties(${t}_emu PROPERTIES TIMEOUT 600 LABELS cuda_emu ENVIRONMENT "BNORM_TEST_CUDA_CASES=3")
   endforeach()
 endif()
 
