@@ -184,6 +184,13 @@ static bnorm_status bn_cuda_open(const char *func, bn_cuda_scratch *sc, void *ws
     return BNORM_STATUS_OK;
 }
 
+/* The apply kernels move whole 8-value units as 16-byte vectors when every segment holds a multiple
+ * of 8 values and every tensor they touch is 16-byte aligned (NULL ones do not count). */
+static int bn_cuda_vec(const bn_kgeom *g, const void *a, const void *b, const void *c, const void *d) {
+    const uintptr_t any = (uintptr_t)a | (uintptr_t)b | (uintptr_t)c | (uintptr_t)d;
+    return g->L % 8 == 0 && any % 16 == 0;
+}
+
 static unsigned bn_cuda_grid(long long blocks) {
     if (blocks < 1) return 1;
     return (unsigned)(blocks < (1LL << 20) ? blocks : (1LL << 20));
@@ -277,9 +284,10 @@ static bnorm_status bn_cuda_fwd(const char *F, const bnorm_forward_args *a, cons
     BN_LAUNCH((bn_k_fwd_finalize<P, A>), bn_cuda_grid(bn_cdiv(C, BN_CU_THREADS)), BN_CU_THREADS, s, f);
     BN_CU_LAUNCHED(F, "bn_k_fwd_finalize");
     if (kg.S > 0) {
+        const int vec = bn_cuda_vec(&kg, a->x, a->y, a->addend, NULL);
         BN_LAUNCH((bn_k_fwd_apply<T>), bn_cuda_grid(bn_cdiv(kg.S * kg.U, BN_CU_THREADS)), BN_CU_THREADS, s,
             (const T *)a->x, (T *)a->y, (const T *)a->addend, (uint8_t *)a->relu_mask, kg, mh, ml, scale, shift,
-            a->relu);
+            a->relu, vec);
         BN_CU_LAUNCHED(F, "bn_k_fwd_apply");
     }
     return BNORM_STATUS_OK;
@@ -433,9 +441,10 @@ static bnorm_status bn_cuda_bwd(const char *F, const bnorm_backward_args *a, con
     BN_LAUNCH((bn_k_bwd_finalize<P, A>), cgrid, BN_CU_THREADS, s, f);
     BN_CU_LAUNCHED(F, "bn_k_bwd_finalize");
     if (kg.S > 0 && (a->dx || a->daddend)) {
-        BN_LAUNCH((bn_k_bwd_apply<T>), bn_cuda_grid(bn_cdiv(kg.S * kg.U, BN_CU_THREADS)), BN_CU_THREADS, s,
-            a->use_global_stats ? NULL : (const T *)a->x, (const T *)a->dy, (const uint8_t *)a->relu_mask, (T *)a->dx,
-            (T *)a->daddend, kg, mh, ml, k1, k2, k3);
+        const T *ax = a->use_global_stats ? NULL : (const T *)a->x;
+        const int vec = bn_cuda_vec(&kg, ax, a->dy, a->dx, a->relu_mask ? a->daddend : NULL);
+        BN_LAUNCH((bn_k_bwd_apply<T>), bn_cuda_grid(bn_cdiv(kg.S * kg.U, BN_CU_THREADS)), BN_CU_THREADS, s, ax,
+            (const T *)a->dy, (const uint8_t *)a->relu_mask, (T *)a->dx, (T *)a->daddend, kg, mh, ml, k1, k2, k3, vec);
         BN_CU_LAUNCHED(F, "bn_k_bwd_apply");
     }
     return BNORM_STATUS_OK;

@@ -77,6 +77,36 @@ struct bn_kplan {
     int tx, ty;
 };
 
+/* A unit's 8 values moved as 16-byte vectors (one for 2-byte types, two for float, four for double)
+ * when the launch found every segment a multiple of 8 values and every tensor 16-byte aligned: a warp
+ * then reads and writes whole contiguous lines. Otherwise the values go one by one. */
+template <typename T> __device__ __forceinline__ void bn_k_load8(const T *p, int vec, int len, T *v) {
+    if (vec) {
+        uint4 raw[sizeof(T) / 2];
+        const uint4 *q = reinterpret_cast<const uint4 *>(p);
+#pragma unroll
+        for (int i = 0; i < (int)(sizeof(T) / 2); i++) raw[i] = q[i];
+        memcpy(v, raw, sizeof raw);
+    } else {
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+            if (j < len) v[j] = p[j];
+    }
+}
+template <typename T> __device__ __forceinline__ void bn_k_store8(T *p, int vec, int len, const T *v) {
+    if (vec) {
+        uint4 raw[sizeof(T) / 2];
+        memcpy(raw, v, sizeof raw);
+        uint4 *q = reinterpret_cast<uint4 *>(p);
+#pragma unroll
+        for (int i = 0; i < (int)(sizeof(T) / 2); i++) q[i] = raw[i];
+    } else {
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+            if (j < len) p[j] = v[j];
+    }
+}
+
 /* ---------------------------------------------------------------------------------------------- */
 /* Forward statistics                                                                              */
 /* ---------------------------------------------------------------------------------------------- */
@@ -251,13 +281,16 @@ template <typename T>
 __global__ void __launch_bounds__(BN_CU_THREADS)
     bn_k_fwd_apply(const T *x, T *y, const T *add, uint8_t *mask, bn_kgeom g, const typename bn_io<T>::A *mh,
                    const typename bn_io<T>::A *ml, const typename bn_io<T>::A *sc, const typename bn_io<T>::A *sf,
-                   int relu) {
+                   int relu, int vec) {
     typedef bn_io<T> io;
     typedef typename io::A A;
     const long long units = g.S * g.U;
     for (long long u = blockIdx.x * (long long)blockDim.x + threadIdx.x; u < units; u += (long long)gridDim.x * blockDim.x) {
         const long long seg = u / g.U, kb = u - seg * g.U, p0 = kb * 8, base = seg * g.L + p0;
         const int len = (int)min(8LL, g.L - p0);
+        T xv[8], av[8], yv[8];
+        bn_k_load8(x + base, vec, len, xv);
+        if (add) bn_k_load8(add + base, vec, len, av);
         unsigned bits = 0;
         A h = 0, l = 0, s = 0, b = 0;
         if (g.planes) {
@@ -271,13 +304,14 @@ __global__ void __launch_bounds__(BN_CU_THREADS)
                     const long long c = p0 + j;
                     h = mh[c], l = ml[c], s = sc[c], b = sf[c];
                 }
-                A z = (io::ld(x + base + j) - h - l) * s + b;
-                if (add) z = z + io::ld(add + base + j);
+                A z = (io::ld(xv + j) - h - l) * s + b;
+                if (add) z = z + io::ld(av + j);
                 if (z > 0) bits |= 1u << j;
                 if (relu && z <= 0) z = 0;
-                io::st(y + base + j, z);
+                io::st(yv + j, z);
             }
         }
+        bn_k_store8(y + base, vec, len, yv);
         if (mask) mask[u] = (uint8_t)bits;
     }
 }
@@ -429,7 +463,7 @@ template <typename T>
 __global__ void __launch_bounds__(BN_CU_THREADS)
     bn_k_bwd_apply(const T *x, const T *dy, const uint8_t *mask, T *dx, T *dadd, bn_kgeom g,
                    const typename bn_io<T>::A *mh, const typename bn_io<T>::A *ml, const typename bn_io<T>::A *k1,
-                   const typename bn_io<T>::A *k2, const typename bn_io<T>::A *k3) {
+                   const typename bn_io<T>::A *k2, const typename bn_io<T>::A *k3, int vec) {
     typedef bn_io<T> io;
     typedef typename io::A A;
     const long long units = g.S * g.U;
@@ -437,6 +471,9 @@ __global__ void __launch_bounds__(BN_CU_THREADS)
         const long long seg = u / g.U, kb = u - seg * g.U, p0 = kb * 8, base = seg * g.L + p0;
         const int len = (int)min(8LL, g.L - p0);
         const unsigned bits = mask ? mask[u] : 0xffu;
+        T gvv[8], xv[8], dxv[8], dav[8];
+        bn_k_load8(dy + base, vec, len, gvv);
+        if (x) bn_k_load8(x + base, vec, len, xv);
         A h = 0, l = 0, a1 = 0, a2 = 0, a3 = 0;
         if (g.planes) {
             const long long c = seg % g.C;
@@ -449,14 +486,15 @@ __global__ void __launch_bounds__(BN_CU_THREADS)
                     const long long c = p0 + j;
                     h = mh[c], l = ml[c], a1 = k1[c], a2 = k2[c], a3 = k3[c];
                 }
-                const A gv = ((bits >> j) & 1) ? io::ld(dy + base + j) : (A)0;
-                if (mask && dadd) io::st(dadd + base + j, gv);
-                if (dx) {
-                    const A v = x ? gv * a1 - a2 - (io::ld(x + base + j) - h - l) * a3 : gv * a1;
-                    io::st(dx + base + j, v);
-                }
+                const A gv = ((bits >> j) & 1) ? io::ld(gvv + j) : (A)0;
+                io::st(dav + j, gv);
+                const A v = x ? gv * a1 - a2 - (io::ld(xv + j) - h - l) * a3 : gv * a1;
+                io::st(dxv + j, v);
             }
         }
+        /* dx and dadd may be dy: all of the unit was read above */
+        if (mask && dadd) bn_k_store8(dadd + base, vec, len, dav);
+        if (dx) bn_k_store8(dx + base, vec, len, dxv);
     }
 }
 

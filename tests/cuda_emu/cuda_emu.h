@@ -77,10 +77,14 @@ const char *cudaGetErrorName(cudaError_t e);
 }
 
 #include <math.h>
+#include <string.h>
 
 struct dim3 {
     unsigned x, y, z;
     dim3(unsigned a = 1, unsigned b = 1, unsigned c = 1) : x(a), y(b), z(c) {}
+};
+struct uint4 {
+    unsigned x, y, z, w;
 };
 struct bn_emu_idx {
     unsigned x, y, z;
