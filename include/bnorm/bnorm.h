@@ -109,7 +109,8 @@ BNORM_API unsigned bnorm_version(void);
     X(BNORM_STATUS_FORMAT, 9, "a file is corrupt or not in the expected format")          \
     X(BNORM_STATUS_COMM, 10, "a collective communication failed")                         \
     X(BNORM_STATUS_COMM_MISMATCH, 11, "processes of the group disagree")                  \
-    X(BNORM_STATUS_STATE, 12, "the call is not valid in the object's current state")
+    X(BNORM_STATUS_STATE, 12, "the call is not valid in the object's current state")      \
+    X(BNORM_STATUS_DEVICE, 13, "a GPU (CUDA) operation failed")
 
 typedef enum bnorm_status {
 #define BNORM_STATUS_ENUM_ENTRY(name, value, text) name = value,

@@ -12,6 +12,14 @@
 #include <stdint.h>
 #include <string.h>
 
+/* The statistics merge and invstd below are shared with the CUDA kernels (src/cuda/): nvcc compiles
+ * them for the device too; in C this is empty. */
+#if defined(__CUDACC__)
+#define BN_HD __host__ __device__
+#else
+#define BN_HD
+#endif
+
 /* Records a message for bnorm_last_error() ("<func>: <formatted text>") and returns status. */
 bnorm_status bn_fail(bnorm_status status, const char *func, const char *fmt, ...)
 #if defined(__GNUC__)
@@ -56,7 +64,7 @@ typedef struct bn_moments {
 } bn_moments;
 
 /* Chan et al. pairwise merge of b into a; empty partials are skipped, so order alone fixes results. */
-static inline void bn_moments_merge(bn_moments *a, double nb, double meanb, double m2b) {
+BN_HD static inline void bn_moments_merge(bn_moments *a, double nb, double meanb, double m2b) {
     if (nb <= 0) return;
     if (a->n <= 0) {
         a->n = nb; a->mean = meanb; a->m2 = m2b;
@@ -71,7 +79,7 @@ static inline void bn_moments_merge(bn_moments *a, double nb, double meanb, doub
 }
 
 /* 1/sqrt(var + eps), with PyTorch's rule that var + eps == 0 gives 0 (eps = 0, constant channel). */
-static inline double bn_invstd(double var, double eps) {
+BN_HD static inline double bn_invstd(double var, double eps) {
     double v = var + eps;
     return v == 0.0 ? 0.0 : 1.0 / __builtin_sqrt(v);
 }
@@ -96,5 +104,33 @@ static inline void bn_param_set(void *p, bnorm_dtype pd, int64_t i, double v) {
         memcpy((char *)p + 4 * i, &f, 4);
     }
 }
+
+/* Argument rules of the functional level shared by every backend (plan.c): the configuration and
+ * the data checks of a plan, in one call. func names the public function in the messages. */
+bnorm_status bn_forward_check(const char *func, const bnorm_forward_args *a, bn_geom *g);
+bnorm_status bn_backward_check(const char *func, const bnorm_backward_args *a, bn_geom *g);
+
+/* Copies a caller's struct whose first member is `size_t struct_size` into dst (lib_size bytes, the
+ * library's sizeof), following the ABI policy of bnorm.h: 0 means v1_size; bytes beyond the caller's
+ * size are zero; a larger caller struct must have an all-zero unknown tail. */
+bnorm_status bn_struct_in(const char *func, const char *what, const void *src, void *dst, size_t lib_size,
+                          size_t v1_size);
+#define BN_V1_SIZE(type, last) (offsetof(type, last) + sizeof(((type *)0)->last))
+#define BN_FWD_V1 BN_V1_SIZE(bnorm_forward_args, save_mean_lo)
+#define BN_BWD_V1 BN_V1_SIZE(bnorm_backward_args, mean_lo)
+
+/* The synchronized-statistics exchange shared by every backend (comm.c): BN_COMM_HDR doubles of
+ * header (protocol, operation, C, dtype, layout, flags) lead every rank's contribution, so a group
+ * whose ranks disagree gets BNORM_STATUS_COMM_MISMATCH. Payload after the header: the count, then
+ * three blocks of C doubles (forward: mean, M2, zeros; backward: sum g, sum g*(x - mean), and for
+ * float64 data the sums of x - mean), the same size for both operations, so ranks running different
+ * operations disagree on the header, never on the size. Ranks of different backends can share a group. */
+enum { BN_COMM_HDR = 8, BN_COMM_FORWARD = 1, BN_COMM_BACKWARD = 2 };
+#define BN_COMM_COUNT(C) (BN_COMM_HDR + 1 + 3 * (size_t)(C))
+bnorm_status bn_comm_check(const char *func, const bnorm_comm *c);
+void bn_comm_header(double *h, int op, const bnorm_desc *d, int flags);
+/* Optional header-only validation (c->validate), then the all-gather of count doubles (header
+ * included) into recv (c->size * count doubles), and the headers compared. */
+bnorm_status bn_comm_exchange(const char *func, const bnorm_comm *c, double *send, size_t count, double *recv);
 
 #endif

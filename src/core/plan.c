@@ -43,8 +43,6 @@ bnorm_status bn_struct_in(const char *func, const char *what, const void *src, v
     return BNORM_STATUS_OK;
 }
 
-#define BN_FWD_V1 BN_V1_SIZE(bnorm_forward_args, save_mean_lo)
-#define BN_BWD_V1 BN_V1_SIZE(bnorm_backward_args, mean_lo)
 #define BN_POOL_V1 BN_V1_SIZE(bnorm_threadpool, pool_ctx)
 
 /* ---- threads ------------------------------------------------------------------------------ */
@@ -114,7 +112,7 @@ static bnorm_status bn_fwd_check_config(const char *F, const bnorm_forward_args 
                            "running_mean is %s but running_var is %s: pass both or neither",
                            a->running_mean ? "set" : "NULL", a->running_var ? "set" : "NULL");
         if (a->comm) {
-            st = bn_check_comm(F, a->comm);
+            st = bn_comm_check(F, a->comm);
             if (st) return st;
         }
     } else {
@@ -152,7 +150,7 @@ static bnorm_status bn_bwd_check_config(const char *F, const bnorm_backward_args
         return bn_fail(BNORM_STATUS_INVALID_ARGUMENT, F,
                        "daddend needs relu_mask (without a ReLU the addend's gradient is dy itself)");
     if (a->comm && !a->use_global_stats) {
-        st = bn_check_comm(F, a->comm);
+        st = bn_comm_check(F, a->comm);
         if (st) return st;
     }
     return BNORM_STATUS_OK;
@@ -175,6 +173,18 @@ static int bn_desc_same(const bnorm_desc *a, const bnorm_desc *b) {
     for (int i = 0; i < a->rank && i < BNORM_MAX_RANK; i++)
         if (a->dims[i] != b->dims[i]) return 0;
     return 1;
+}
+
+bnorm_status bn_forward_check(const char *F, const bnorm_forward_args *a, bn_geom *g) {
+    if (!a) return bn_fail(BNORM_STATUS_NULL_POINTER, F, "args is NULL");
+    bnorm_status st = bn_fwd_check_config(F, a, g);
+    return st ? st : bn_fwd_check_data(F, a, g);
+}
+
+bnorm_status bn_backward_check(const char *F, const bnorm_backward_args *a, bn_geom *g) {
+    if (!a) return bn_fail(BNORM_STATUS_NULL_POINTER, F, "args is NULL");
+    bnorm_status st = bn_bwd_check_config(F, a, g);
+    return st ? st : bn_bwd_check_data(F, a, g);
 }
 
 /* ---- plan initialisation ------------------------------------------------------------------- */

@@ -72,13 +72,9 @@ void bn_cpu_plan_backward(bnorm_plan *p);
 bnorm_status bn_cpu_forward(const bnorm_plan *p, const bnorm_forward_args *a, double *ws);
 bnorm_status bn_cpu_backward(const bnorm_plan *p, const bnorm_backward_args *a, double *ws);
 
-/* --- backend-free pieces shared by the backends (src/core/comm.c, src/core/stats.c) --- */
-enum { BN_HDR = 8, BN_MAGIC = 0x626e6f72 };
-bnorm_status bn_check_comm(const char *func, const bnorm_comm *c);
-void bn_fill_header(double *h, int op, const bnorm_desc *d, int flags);
-/* One exchange: optional header-only validation, then the all-gather of header + payload
- * (count doubles per rank, header first) into recv (size * count doubles). */
-bnorm_status bn_exchange(const char *func, const bnorm_comm *c, double *send, size_t count, double *recv);
+/* --- backend-free pieces shared by the backends: the communicator protocol (comm.c, declared in
+   internal.h with the payload layout) and the per-channel finalisation below --- */
+
 
 /* Per-channel finalisation shared by every backend (inline: called once per channel, which matters
  * on tiny tensors). Statistics of channel c are final (n values, mean, m2): writes the saved statistics
@@ -133,12 +129,6 @@ static inline void bn_bwd_coefs_of(const bnorm_backward_args *a, bnorm_dtype pd,
     }
 }
 
-/* Copies a caller's struct whose first member is `size_t struct_size` into dst (lib_size bytes, the
- * library's sizeof), following the ABI policy of bnorm.h: 0 means v1_size; bytes beyond the caller's
- * size are zero; a larger caller struct must have an all-zero unknown tail. */
-bnorm_status bn_struct_in(const char *func, const char *what, const void *src, void *dst, size_t lib_size,
-                          size_t v1_size);
-#define BN_V1_SIZE(type, last) (offsetof(type, last) + sizeof(((type *)0)->last))
 
 /* BNORM_VERBOSE level (read once). */
 int bn_verbose(void);

@@ -59,7 +59,7 @@ static void bn_ws_layout(bnorm_plan *p) {
     const bnorm_dtype dt = p->op == BN_OP_FORWARD ? p->fa.desc.dtype : p->ba.desc.dtype;
     const int run = bn_small_planes(&p->g, dt);
     p->ws_per_thread = 7 * C + (run ? (size_t)BN_RUN_SCRATCH : 0);
-    p->ws_fixed = 17 * C + (size_t)(cs + 1) * (BN_HDR + 1 + 3 * C) + 16 + (run ? 8 : 0);
+    p->ws_fixed = 17 * C + (size_t)(cs + 1) * (BN_COMM_HDR + 1 + 3 * C) + 16 + (run ? 8 : 0);
 }
 
 /* A bump allocator over the execution's workspace. */
@@ -935,24 +935,24 @@ bnorm_status bn_cpu_forward(const bnorm_plan *p, const bnorm_forward_args *a, do
     if (comm) {
         /* the same size as the backward's payload (its third block unused here), so that ranks running
            different operations are told apart by the header in one-collective mode */
-        size_t cnt = BN_HDR + 1 + 3 * (size_t)C;
+        size_t cnt = BN_COMM_HDR + 1 + 3 * (size_t)C;
         double *send = bn_take(&ar, cnt), *recv = bn_take(&ar, cnt * (size_t)comm->size);
-        bn_fill_header(send, BN_OP_FORWARD, &a->desc, (a->relu ? 1 : 0) | (a->running_mean ? 4 : 0));
-        send[BN_HDR] = (double)g->m;
+        bn_comm_header(send, BN_OP_FORWARD, &a->desc, (a->relu ? 1 : 0) | (a->running_mean ? 4 : 0));
+        send[BN_COMM_HDR] = (double)g->m;
         for (int64_t c = 0; c < C; c++) {
-            send[BN_HDR + 1 + c] = gmean[c];
-            send[BN_HDR + 1 + C + c] = gm2[c];
-            send[BN_HDR + 1 + 2 * C + c] = 0;
+            send[BN_COMM_HDR + 1 + c] = gmean[c];
+            send[BN_COMM_HDR + 1 + C + c] = gm2[c];
+            send[BN_COMM_HDR + 1 + 2 * C + c] = 0;
         }
-        bnorm_status st = bn_exchange(F, comm, send, cnt, recv);
+        bnorm_status st = bn_comm_exchange(F, comm, send, cnt, recv);
         if (st) return st;
         n_total = 0;
-        for (int r = 0; r < comm->size; r++) n_total += recv[(size_t)r * cnt + BN_HDR];
+        for (int r = 0; r < comm->size; r++) n_total += recv[(size_t)r * cnt + BN_COMM_HDR];
         for (int64_t c = 0; c < C; c++) {
             bn_moments mo = {0, 0, 0};
             for (int r = 0; r < comm->size; r++) {
                 const double *q = recv + (size_t)r * cnt;
-                bn_moments_merge(&mo, q[BN_HDR], q[BN_HDR + 1 + c], q[BN_HDR + 1 + C + c]);
+                bn_moments_merge(&mo, q[BN_COMM_HDR], q[BN_COMM_HDR + 1 + c], q[BN_COMM_HDR + 1 + C + c]);
             }
             gn[c] = mo.n; gmean[c] = mo.mean; gm2[c] = mo.m2;
         }
@@ -1585,28 +1585,28 @@ bnorm_status bn_cpu_backward(const bnorm_plan *p, const bnorm_backward_args *a, 
     if (comm) {
         /* payload: local count, then the two sums and the float64 mean residual sums; the global count
            is the sum of the counts */
-        size_t cnt = BN_HDR + 1 + 3 * (size_t)C;
+        size_t cnt = BN_COMM_HDR + 1 + 3 * (size_t)C;
         double *send = bn_take(&ar, cnt), *recv = bn_take(&ar, cnt * (size_t)comm->size);
         /* no pointer-presence flags: a rank with an empty batch may pass NULL buffers */
-        bn_fill_header(send, BN_OP_BACKWARD, &a->desc, 0);
-        send[BN_HDR] = (double)g->m;
+        bn_comm_header(send, BN_OP_BACKWARD, &a->desc, 0);
+        send[BN_COMM_HDR] = (double)g->m;
         for (int64_t c = 0; c < C; c++) {
-            send[BN_HDR + 1 + c] = sg[c];
-            send[BN_HDR + 1 + C + c] = sgx[c];
-            send[BN_HDR + 1 + 2 * C + c] = resid ? sd[c] : 0;
+            send[BN_COMM_HDR + 1 + c] = sg[c];
+            send[BN_COMM_HDR + 1 + C + c] = sgx[c];
+            send[BN_COMM_HDR + 1 + 2 * C + c] = resid ? sd[c] : 0;
         }
-        bnorm_status st = bn_exchange(F, comm, send, cnt, recv);
+        bnorm_status st = bn_comm_exchange(F, comm, send, cnt, recv);
         if (st) return st;
         /* global sums in rank order, into the per-thread area (no longer needed) */
         gsg = part;
         gsgx = part + C;
         b.n_total = 0;
-        for (int r = 0; r < comm->size; r++) b.n_total += recv[(size_t)r * cnt + BN_HDR];
+        for (int r = 0; r < comm->size; r++) b.n_total += recv[(size_t)r * cnt + BN_COMM_HDR];
         for (int64_t c = 0; c < C; c++) {
             double s = 0, sx = 0;
             for (int r = 0; r < comm->size; r++) {
-                s += recv[(size_t)r * cnt + BN_HDR + 1 + c];
-                sx += recv[(size_t)r * cnt + BN_HDR + 1 + C + c];
+                s += recv[(size_t)r * cnt + BN_COMM_HDR + 1 + c];
+                sx += recv[(size_t)r * cnt + BN_COMM_HDR + 1 + C + c];
             }
             gsg[c] = s;
             gsgx[c] = sx;
@@ -1614,7 +1614,7 @@ bnorm_status bn_cpu_backward(const bnorm_plan *p, const bnorm_backward_args *a, 
         if (resid) {
             for (int64_t c = 0; c < C; c++) {
                 double d = 0;
-                for (int r = 0; r < comm->size; r++) d += recv[(size_t)r * cnt + BN_HDR + 1 + 2 * C + c];
+                for (int r = 0; r < comm->size; r++) d += recv[(size_t)r * cnt + BN_COMM_HDR + 1 + 2 * C + c];
                 delta[c] = b.n_total > 0 ? d / b.n_total : 0;
             }
             b.delta = delta;

@@ -499,7 +499,7 @@ bnorm_status bnorm_layer_set_comm(bnorm_layer *l, const bnorm_comm *comm, int re
         bnorm_comm c;
         bnorm_status st = bn_struct_in(F, "comm", comm, &c, sizeof c, BN_V1_SIZE(bnorm_comm, ctx));
         if (st) return st;
-        st = bn_check_comm(F, &c);
+        st = bn_comm_check(F, &c);
         if (st) return st;
         l->comm = c;
     }

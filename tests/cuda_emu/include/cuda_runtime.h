@@ -1,0 +1,2 @@
+/* cuda_runtime.h - the CPU emulation's stand-in (../cuda_emu.h). */
+#include "../cuda_emu.h"
