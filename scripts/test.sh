@@ -9,8 +9,10 @@
 #   4. rebuilds with AddressSanitizer + UndefinedBehaviorSanitizer and runs the suite again,
 #   5. rebuilds the embedding tests with ThreadSanitizer (OpenMP off: libgomp is not instrumented, so
 #      the threads are a caller's pthread pool) and runs them,
-#   6. runs the core tests under valgrind.
-# Build trees: build/, build-asan/ and build-tsan/ (reused when present).
+#   6. builds the CUDA backend's kernels and tests on its CPU emulation and runs them; where nvcc
+#      exists, builds the real CUDA backend too and runs its tests (they skip without a GPU),
+#   7. runs the core tests under valgrind.
+# Build trees: build/, build-asan/, build-tsan/, build-emu/, build-cuda/ (reused when present).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/deps.sh test
@@ -42,6 +44,23 @@ cmake -S . -B build-tsan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DBNORM_SANITIZE_THRE
 cmake --build build-tsan -j"$jobs" --target test_embed >/dev/null
 echo "== tests under ThreadSanitizer =="
 TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1" build-tsan/tests/test_embed
+
+echo "== CUDA backend: its kernels and tests on the CPU emulation of CUDA =="
+cmake -S . -B build-emu -DCMAKE_BUILD_TYPE=Release -DBNORM_CUDA_EMULATE=ON -DBNORM_BUILD_EXAMPLES=OFF \
+  -DBNORM_BUILD_BENCH=OFF >/dev/null
+cmake --build build-emu -j"$jobs" --target test_cuda_emu test_cuda_sync_emu >/dev/null
+(cd build-emu && ctest --output-on-failure -L cuda_emu)
+nvcc_bin=$(command -v nvcc || true)
+[ -n "$nvcc_bin" ] || { [ -x /usr/local/cuda/bin/nvcc ] && nvcc_bin=/usr/local/cuda/bin/nvcc; }
+if [ -n "$nvcc_bin" ]; then
+  echo "== CUDA backend: real build with $nvcc_bin (its tests skip without a GPU) =="
+  cmake -S . -B build-cuda -DCMAKE_BUILD_TYPE=Release -DBNORM_CUDA=ON -DCMAKE_CUDA_COMPILER="$nvcc_bin" \
+    -DBNORM_BUILD_EXAMPLES=OFF >/dev/null
+  cmake --build build-cuda -j"$jobs" >/dev/null
+  (cd build-cuda && ctest --output-on-failure -L cuda)
+else
+  echo "== CUDA backend: no nvcc on this machine, real build skipped =="
+fi
 
 echo "== valgrind =="
 vg=(valgrind -q --error-exitcode=1 --leak-check=full --show-possibly-lost=no --errors-for-leak-kinds=definite)
