@@ -248,10 +248,22 @@ static int bn_layer_threads(const bnorm_layer *l, const bn_geom *g) {
     return l->num_threads > 0 ? l->num_threads : bn_default_threads(g);
 }
 
+static int bn_desc_equal(const bnorm_desc *a, const bnorm_desc *b);
+
+/* Sizing the workspace means planning a forward and a backward: done only when the shape, the thread
+ * count or the communicator size differ from the last call's (training loops repeat one shape). */
 static bnorm_status bn_layer_workspace(const char *F, bnorm_layer *l, const bnorm_desc *desc, int comm_size, int nt) {
+    if (l->ws_key_valid && l->ws_key_nt == nt && l->ws_key_comm == comm_size && bn_desc_equal(desc, &l->ws_key_desc))
+        return BNORM_STATUS_OK;
     size_t need = bn_workspace_bytes(desc, comm_size, nt);
     if (!need) return bn_fail(BNORM_STATUS_OVERFLOW, F, "the workspace for this shape and %d threads overflows", nt);
-    return bn_grow(F, &l->workspace, &l->workspace_cap, need);
+    bnorm_status st = bn_grow(F, &l->workspace, &l->workspace_cap, need);
+    if (st) return st;
+    l->ws_key_valid = 1;
+    l->ws_key_nt = nt;
+    l->ws_key_comm = comm_size;
+    l->ws_key_desc = *desc;
+    return BNORM_STATUS_OK;
 }
 
 /* A fingerprint of x: up to 64 values at evenly spaced positions (and the count), so a backward can

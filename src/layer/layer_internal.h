@@ -37,6 +37,9 @@ struct bnorm_layer {
     int num_threads;
     bnorm_threadpool pool;
     int has_pool;
+    /* the shape, thread count and communicator size the workspace was last sized for */
+    int ws_key_valid, ws_key_nt, ws_key_comm;
+    bnorm_desc ws_key_desc;
 };
 
 /* Validates options (naming func in the error). */
