@@ -65,6 +65,33 @@ static double median(double *v, int n) {
     return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
+/* Median of the finite values among v[0..n) (NAN when none); v is left unchanged. */
+static double median_finite(const double *v, int n) {
+    double w[64];
+    int k = 0;
+    for (int i = 0; i < n && k < 64; i++)
+        if (isfinite(v[i])) w[k++] = v[i];
+    return k ? median(w, k) : NAN;
+}
+
+/* The CPU's model name (/proc/cpuinfo), for the record of every table. */
+static void cpu_model(char *buf, size_t cap) {
+    snprintf(buf, cap, "unknown CPU");
+    FILE *f = fopen("/proc/cpuinfo", "r");
+    char line[256];
+    while (f && fgets(line, sizeof line, f)) {
+        char *c = strchr(line, ':');
+        if (!strncmp(line, "model name", 10) && c) {
+            c += 1 + (c[1] == ' ');
+            c[strcspn(c, "\n")] = 0;
+            for (char *q = c; *q; q++) if (*q == '"' || *q == '\\') *q = '\'';
+            snprintf(buf, cap, "%s", c);
+            break;
+        }
+    }
+    if (f) fclose(f);
+}
+
 static void *xalloc(size_t bytes) {
     void *p = NULL;
     if (posix_memalign(&p, 64, bytes ? bytes : 64)) {
@@ -168,11 +195,13 @@ typedef struct shape {
     const char *set;
 } shape;
 
+enum { MAX_ROUNDS = 15 };
 typedef struct result {
     int shape_idx, layout, dtype, threads, op;
     double bytes;
-    double t_bnorm, t_dnnl, t_torch; /* median seconds; NAN when not measured */
-    double t_copy;                    /* median seconds of a non-temporal copy moving the same bytes */
+    double t_bnorm, t_dnnl, t_torch; /* median over rounds of the per-round medians; NAN when not measured */
+    double t_copy;                    /* the same for a non-temporal copy moving the same bytes */
+    double rb[MAX_ROUNDS], rd[MAX_ROUNDS], rt[MAX_ROUNDS], rc[MAX_ROUNDS]; /* per round */
 } result;
 
 static const char *dtype_tag(int dt) {
@@ -341,12 +370,15 @@ static int dn_build(dn_job *j, int op, const bnorm_desc *d, bufs *B) {
     memset(j, 0, sizeof *j);
     if (!dn_ok || op == OP_FUSED_FWD || op == OP_FUSED_BWD) return 0;
     dnnl_dims_t dims;
+    int rank = d->rank;
     for (int i = 0; i < d->rank; i++) dims[i] = d->dims[i];
     int cl = d->layout == BNORM_LAYOUT_CHANNELS_LAST;
+    /* ranks 2 and 3 are given to oneDNN as the same memory in 4-D (N,C,1,1) nhwc and (N,C,1,W): its
+       1-D and 2-D tensors take a reference implementation (40-200x slower here), its 4-D ones the JIT */
+    if (rank == 2) { dims[2] = dims[3] = 1; rank = 4; cl = 1; }
+    else if (rank == 3) { dims[3] = dims[2]; dims[2] = 1; rank = 4; }
     dnnl_format_tag_t tag;
-    switch (d->rank) {
-    case 2: tag = dnnl_nc; break;
-    case 3: tag = cl ? dnnl_nwc : dnnl_ncw; break;
+    switch (rank) {
     case 4: tag = cl ? dnnl_nhwc : dnnl_nchw; break;
     case 5: tag = cl ? dnnl_ndhwc : dnnl_ncdhw; break;
     default: return 0;
@@ -355,7 +387,7 @@ static int dn_build(dn_job *j, int op, const bnorm_desc *d, bufs *B) {
                         : dnnl_f16;
     dnnl_memory_desc_t md, cmd;
     dnnl_dims_t cd = {d->dims[1]};
-    if (dnnl_memory_desc_init_by_tag(&md, d->rank, dims, dt, tag) != dnnl_success) return 0;
+    if (dnnl_memory_desc_init_by_tag(&md, rank, dims, dt, tag) != dnnl_success) return 0;
     if (dnnl_memory_desc_init_by_tag(&cmd, 1, cd, dnnl_f32, dnnl_a) != dnnl_success) return 0;
     unsigned flags = dnnl_use_scale | dnnl_use_shift;
     if (op == OP_FWD_INFER || op == OP_BWD_EVAL) flags |= dnnl_use_global_stats;
@@ -398,7 +430,8 @@ static int dn_run(dn_job *j) {
 /* Options                                                                                        */
 
 typedef struct opts {
-    int quick, reps, warmup, dnnl, torch, latency;
+    int quick, reps, warmup, dnnl, torch, latency, rounds;
+    unsigned ops; /* bit per op */
     int threads[8], nthreads;
     int dtypes[4], ndtypes;
     int layouts[2], nlayouts;
@@ -411,7 +444,8 @@ typedef struct opts {
 static void usage(void) {
     fprintf(stderr,
             "usage: bnorm_bench [--quick|--full] [--threads 1,2] [--dtypes f32,bf16,f16] [--layouts cf,cl]\n"
-            "                   [--sets resnet,bn1d,large] [--shape N,C[,d...]]... [--reps R]\n"
+            "                   [--sets resnet,bn1d,large] [--shape N,C[,d...]]... [--reps R] [--rounds K]\n"
+            "                   [--ops fwd_train,fwd_infer,bwd_train,bwd_eval,fused_fwd,fused_bwd]\n"
             "                   [--no-dnnl] [--no-torch] [--torch-script PATH] [--out PREFIX] [--offset BYTES]\n"
             "       bnorm_bench --latency [--reps R] [--no-dnnl]   per-call overhead on tiny tensors, 1 thread\n");
 }
@@ -445,7 +479,7 @@ static int parse_shape(const char *s, shape *sh) {
 
 static int parse_opts(int argc, char **argv, opts *o) {
     memset(o, 0, sizeof *o);
-    o->reps = 7; o->warmup = 1; o->dnnl = 1; o->torch = 1;
+    o->reps = 7; o->warmup = 1; o->dnnl = 1; o->torch = 1; o->rounds = 1; o->ops = (1u << OP_COUNT) - 1;
     o->threads[0] = 1; o->threads[1] = 2; o->nthreads = 2;
     o->dtypes[0] = BNORM_DTYPE_F32; o->dtypes[1] = BNORM_DTYPE_BF16; o->dtypes[2] = BNORM_DTYPE_F16; o->ndtypes = 3;
     o->layouts[0] = BNORM_LAYOUT_CHANNELS_FIRST; o->layouts[1] = BNORM_LAYOUT_CHANNELS_LAST; o->nlayouts = 2;
@@ -462,6 +496,19 @@ static int parse_opts(int argc, char **argv, opts *o) {
         else if (!v) { usage(); return 0; }
         else if (!strcmp(a, "--threads")) { if ((o->nthreads = parse_ints(v, o->threads, 8)) <= 0) return 0; i++; }
         else if (!strcmp(a, "--reps")) { o->reps = atoi(v); if (o->reps < 1) return 0; i++; }
+        else if (!strcmp(a, "--rounds")) { o->rounds = atoi(v); if (o->rounds < 1 || o->rounds > MAX_ROUNDS) return 0; i++; }
+        else if (!strcmp(a, "--ops")) {
+            o->ops = 0;
+            char buf[128];
+            snprintf(buf, sizeof buf, "%s", v);
+            for (char *t = strtok(buf, ","); t; t = strtok(NULL, ",")) {
+                int k = 0;
+                while (k < OP_COUNT && strcmp(t, op_name[k])) k++;
+                if (k == OP_COUNT) return 0;
+                o->ops |= 1u << k;
+            }
+            i++;
+        }
         else if (!strcmp(a, "--sets")) { snprintf(o->sets, sizeof o->sets, "%s", v); i++; }
         else if (!strcmp(a, "--out")) { o->out = v; i++; }
         else if (!strcmp(a, "--offset")) {
@@ -681,17 +728,20 @@ int main(int argc, char **argv) {
     o.dnnl = 0;
 #endif
 
-    printf("bnorm_bench: bnorm %s, isa %s, %d processors, reps %d (median)%s\n", bnorm_version_string(),
+    char cpu[128];
+    cpu_model(cpu, sizeof cpu);
+    printf("bnorm_bench: %s\n", cpu);
+    printf("bnorm_bench: bnorm %s, isa %s, %d processors, reps %d (median), rounds %d%s\n", bnorm_version_string(),
            bnorm_isa_name(bnorm_get_isa()),
 #ifdef _OPENMP
            omp_get_num_procs(),
 #else
            1,
 #endif
-           o.reps, o.quick ? ", quick" : "");
+           o.reps, o.rounds, o.quick ? ", quick" : "");
 
     /* copy bound per thread count */
-    double copy_bw[9] = {0};
+    double copy_bw[9] = {0}, copy_bw_end[9] = {0};
     copy_select();
     size_t copy_bytes = o.quick ? ((size_t)8 << 20) : ((size_t)256 << 20);
     for (int i = 0; i < o.nthreads; i++) {
@@ -701,15 +751,13 @@ int main(int argc, char **argv) {
                copy_bw[t < 8 ? t : 8] * 1e-9, copy_how, copy_bytes >> 20);
     }
 
+    /* The cases, in a fixed order; every round measures all of them (bnorm and oneDNN call by call in
+       this process, in an order that alternates from round to round), then PyTorch in its own process. */
     size_t cap = (size_t)nshapes * 2 * 4 * 8 * OP_COUNT, nres = 0;
     result *res = calloc(cap, sizeof *res);
     int failures = 0;
-    printf("%-16s %-9s %-2s %-4s %2s %9s %9s %7s %7s %6s\n", "shape", "op", "ly", "dt", "th", "MiB", "bnorm_ms",
-           "GB/s", "copyGB/s", "bound");
     for (int si = 0; si < nshapes; si++) {
         const shape *s = &shapes[si];
-        char sname[64];
-        shape_str(s, sname, sizeof sname);
         for (int di = 0; di < o.ndtypes; di++) {
             int dt = o.dtypes[di];
             /* low precision: the largest thread count only, and not on the large set (time) */
@@ -717,28 +765,51 @@ int main(int argc, char **argv) {
             for (int li = 0; li < o.nlayouts; li++) {
                 int ly = o.layouts[li];
                 if (s->rank == 2 && ly == BNORM_LAYOUT_CHANNELS_LAST) continue; /* same memory as (N,C) */
-                bnorm_desc d = {.dtype = (bnorm_dtype)dt, .layout = (bnorm_layout)ly, .rank = s->rank};
-                memcpy(d.dims, s->dims, sizeof d.dims);
-                bufs B;
-                bufs_alloc(&B, &d, maxthr);
-                size_t es = bnorm_dtype_size(d.dtype);
                 for (int ti = 0; ti < o.nthreads; ti++) {
                     int th = o.threads[ti];
                     if (dt != BNORM_DTYPE_F32 && th != maxthr) continue;
-                    set_threads(th);
-                    if (B.ws_size < bnorm_workspace_size(&d, 1)) { fprintf(stderr, "workspace grew\n"); return 2; }
                     for (int op = 0; op < OP_COUNT; op++) {
+                        if (!(o.ops >> op & 1)) continue;
                         result *r = &res[nres++];
                         r->shape_idx = si; r->layout = ly; r->dtype = dt; r->threads = th; r->op = op;
-                        r->bytes = min_bytes(op, numel(s), es);
-                        r->t_dnnl = r->t_torch = NAN;
+                        r->bytes = min_bytes(op, numel(s), bnorm_dtype_size((bnorm_dtype)dt));
+                        for (int k = 0; k < MAX_ROUNDS; k++) r->rb[k] = r->rd[k] = r->rt[k] = r->rc[k] = NAN;
+                    }
+                }
+            }
+        }
+    }
+    printf("%-16s %-9s %-2s %-4s %2s %2s %9s %9s %9s %7s %6s\n", "shape", "op", "ly", "dt", "th", "rd", "MiB", "bnorm_ms",
+           "dnnl_ms", "GB/s", "bound");
+    for (int round = 0; round < o.rounds; round++) {
+        for (size_t i0 = 0; i0 < nres;) {
+            /* the results of one (shape, dtype, layout) share buffers */
+            size_t i1 = i0;
+            while (i1 < nres && res[i1].shape_idx == res[i0].shape_idx && res[i1].dtype == res[i0].dtype &&
+                   res[i1].layout == res[i0].layout)
+                i1++;
+            const shape *s = &shapes[res[i0].shape_idx];
+            char sname[64];
+            shape_str(s, sname, sizeof sname);
+            bnorm_desc d = {.dtype = (bnorm_dtype)res[i0].dtype, .layout = (bnorm_layout)res[i0].layout, .rank = s->rank};
+            memcpy(d.dims, s->dims, sizeof d.dims);
+            bufs B;
+            bufs_alloc(&B, &d, maxthr);
+            for (size_t i = i0; i < i1; i++) {
+                result *r = &res[i];
+                int op = r->op, th = r->threads;
+                set_threads(th);
+                if (B.ws_size < bnorm_workspace_size(&d, 1)) { fprintf(stderr, "workspace grew\n"); return 2; }
+                double *t = malloc(sizeof(double) * (size_t)o.reps), *tc = malloc(sizeof(double) * (size_t)o.reps);
+                for (int side = 0; side < 2; side++) {
+                    int lib = (side + round) % 2; /* 0: bnorm, 1: oneDNN; who goes first alternates */
+                    if (lib == 0) {
                         /* the backward needs the statistics (and mask) of a forward */
                         if (op == OP_BWD_TRAIN) bnorm_run(OP_FWD_TRAIN, &d, &B);
                         if (op == OP_FUSED_BWD) bnorm_run(OP_FUSED_FWD, &d, &B);
-                        double *t = malloc(sizeof(double) * (size_t)o.reps), *tc = malloc(sizeof(double) * (size_t)o.reps);
                         int st = 0;
-                        /* each repetition is followed by the reference copy of the same traffic, so both
-                           see the same machine load */
+                        /* each repetition is followed by the reference copy of the same traffic, so every
+                           library starts each call in the same cache state and sees the same load */
                         for (int k = -o.warmup; k < o.reps; k++) {
                             double t0 = now();
                             st |= bnorm_run(op, &d, &B);
@@ -746,79 +817,91 @@ int main(int argc, char **argv) {
                             double tcopy = ref_copy_time(r->bytes, th);
                             if (k >= 0) { t[k] = t1 - t0; tc[k] = tcopy; }
                         }
-                        r->t_copy = median(tc, o.reps);
-                        free(tc);
+                        r->rc[round] = median(tc, o.reps);
                         if (st) {
                             fprintf(stderr, "bnorm %s %s failed: %s\n", op_name[op], sname, bnorm_last_error());
                             failures++;
-                            r->t_bnorm = NAN;
                         } else {
-                            r->t_bnorm = median(t, o.reps);
+                            r->rb[round] = median(t, o.reps);
                         }
+                    }
 #ifdef BNORM_BENCH_HAVE_DNNL
-                        if (o.dnnl) {
-                            dn_job j;
-                            if (dn_build(&j, op, &d, &B)) {
-                                int okr = 1;
-                                /* the same procedure as bnorm's: each repetition followed by the copy (its
-                                   time unused), so both libraries start every call in the same state */
-                                for (int k = -o.warmup; k < o.reps && okr; k++) {
-                                    double t0 = now();
-                                    okr = dn_run(&j);
-                                    if (k >= 0) t[k] = now() - t0;
-                                    (void)ref_copy_time(r->bytes, th);
-                                }
-                                if (okr) r->t_dnnl = median(t, o.reps);
-                                dn_free(&j);
+                    if (lib == 1 && o.dnnl) {
+                        dn_job j;
+                        if (dn_build(&j, op, &d, &B)) {
+                            int okr = 1;
+                            for (int k = -o.warmup; k < o.reps && okr; k++) {
+                                double t0 = now();
+                                okr = dn_run(&j);
+                                if (k >= 0) t[k] = now() - t0;
+                                (void)ref_copy_time(r->bytes, th);
                             }
+                            if (okr) r->rd[round] = median(t, o.reps);
+                            dn_free(&j);
                         }
+                    }
 #endif
-                        free(t);
-                        double bw = r->bytes / r->t_bnorm;
-                        printf("%-16s %-9s %-2s %-4s %2d %9.1f %9.3f %7.2f %7.2f %6.3f\n", sname, op_name[op],
-                               ly ? "cl" : "cf", dtype_tag(dt), th, r->bytes / 1048576.0, r->t_bnorm * 1e3,
-                               bw * 1e-9, r->bytes / r->t_copy * 1e-9, r->t_copy / r->t_bnorm);
-                        fflush(stdout);
+                }
+                free(t);
+                free(tc);
+                printf("%-16s %-9s %-2s %-4s %2d %2d %9.1f %9.3f %9.3f %7.2f %6.3f\n", sname, op_name[op],
+                       r->layout ? "cl" : "cf", dtype_tag(r->dtype), th, round, r->bytes / 1048576.0,
+                       r->rb[round] * 1e3, r->rd[round] * 1e3, r->bytes / r->rb[round] * 1e-9,
+                       r->rc[round] / r->rb[round]);
+                fflush(stdout);
+            }
+            bufs_free(&B);
+            i0 = i1;
+        }
+
+        /* PyTorch: one process per round for every case */
+        if (o.torch) {
+            char reqpath[512];
+            snprintf(reqpath, sizeof reqpath, "%s_torch_requests.txt", o.out);
+            FILE *fq = fopen(reqpath, "w");
+            if (fq) {
+                for (size_t i = 0; i < nres; i++) {
+                    const result *r = &res[i];
+                    const shape *s = &shapes[r->shape_idx];
+                    fprintf(fq, "%s %s %s %d %d %d ", op_name[r->op], r->layout ? "cl" : "cf", dtype_tag(r->dtype),
+                            r->threads, o.reps, o.warmup);
+                    for (int k = 0; k < s->rank; k++) fprintf(fq, "%s%lld", k ? "," : "", (long long)s->dims[k]);
+                    fprintf(fq, " %.0f\n", r->bytes); /* the bytes of the copy that follows each call */
+                }
+                fclose(fq);
+                char cmd[1200];
+                snprintf(cmd, sizeof cmd, "/usr/bin/python3 '%s' '%s' 2>/dev/null", o.torch_script, reqpath);
+                printf("round %d, running PyTorch: %s\n", round, cmd);
+                fflush(stdout);
+                FILE *p = popen(cmd, "r");
+                char line[256];
+                int got = 0;
+                while (p && fgets(line, sizeof line, p)) {
+                    long idx;
+                    double sec;
+                    if (sscanf(line, "RESULT %ld %lf", &idx, &sec) == 2 && idx >= 0 && (size_t)idx < nres) {
+                        res[idx].rt[round] = sec;
+                        got++;
                     }
                 }
-                bufs_free(&B);
+                if (p) pclose(p);
+                printf("PyTorch: %d of %zu cases measured\n", got, nres);
             }
         }
     }
-
-    /* PyTorch: one process for every case */
-    if (o.torch) {
-        char reqpath[512];
-        snprintf(reqpath, sizeof reqpath, "%s_torch_requests.txt", o.out);
-        FILE *fq = fopen(reqpath, "w");
-        if (fq) {
-            for (size_t i = 0; i < nres; i++) {
-                const result *r = &res[i];
-                const shape *s = &shapes[r->shape_idx];
-                fprintf(fq, "%s %s %s %d %d %d ", op_name[r->op], r->layout ? "cl" : "cf", dtype_tag(r->dtype),
-                        r->threads, o.reps, o.warmup);
-                for (int k = 0; k < s->rank; k++) fprintf(fq, "%s%lld", k ? "," : "", (long long)s->dims[k]);
-                fprintf(fq, " %.0f\n", r->bytes); /* the bytes of the copy that follows each call */
-            }
-            fclose(fq);
-            char cmd[1200];
-            snprintf(cmd, sizeof cmd, "/usr/bin/python3 '%s' '%s' 2>/dev/null", o.torch_script, reqpath);
-            printf("running PyTorch: %s\n", cmd);
-            fflush(stdout);
-            FILE *p = popen(cmd, "r");
-            char line[256];
-            int got = 0;
-            while (p && fgets(line, sizeof line, p)) {
-                long idx;
-                double sec;
-                if (sscanf(line, "RESULT %ld %lf", &idx, &sec) == 2 && idx >= 0 && (size_t)idx < nres) {
-                    res[idx].t_torch = sec;
-                    got++;
-                }
-            }
-            if (p) pclose(p);
-            printf("PyTorch: %d of %zu cases measured\n", got, nres);
-        }
+    for (size_t i = 0; i < nres; i++) {
+        result *r = &res[i];
+        r->t_bnorm = median_finite(r->rb, o.rounds);
+        r->t_dnnl = median_finite(r->rd, o.rounds);
+        r->t_torch = median_finite(r->rt, o.rounds);
+        r->t_copy = median_finite(r->rc, o.rounds);
+        if (isnan(r->t_bnorm)) failures += 0;
+    }
+    for (int i = 0; i < o.nthreads; i++) {
+        int t = o.threads[i];
+        copy_bw_end[t < 8 ? t : 8] = copy_bandwidth(t, copy_bytes, o.quick ? 3 : 9);
+        printf("copy bandwidth at the end, %d thread(s): %.2f GB/s (start: %.2f)\n", t,
+               copy_bw_end[t < 8 ? t : 8] * 1e-9, copy_bw[t < 8 ? t : 8] * 1e-9);
     }
 
     /* table, CSV, JSON */
@@ -833,10 +916,16 @@ int main(int argc, char **argv) {
     if (fj) fprintf(fj, "{\n \"copy_gbs\": {");
     for (int i = 0; fj && i < o.nthreads; i++)
         fprintf(fj, "%s\"%d\": %.3f", i ? ", " : "", o.threads[i], copy_bw[o.threads[i] < 8 ? o.threads[i] : 8] * 1e-9);
-    if (fj) fprintf(fj, "},\n \"isa\": \"%s\",\n \"results\": [\n", bnorm_isa_name(bnorm_get_isa()));
-    printf("\nspeedup = peer time / bnorm time (> 1: bnorm faster); bound = fraction of the copy bandwidth\n");
-    printf("%-16s %-9s %-2s %-4s %2s %8s %6s %8s %6s %8s %6s %7s %7s\n", "shape", "op", "ly", "dt", "th", "bnorm_ms",
-           "bound", "dnnl_ms", "bound", "torch_ms", "bound", "x_dnnl", "x_torch");
+    if (fj) fprintf(fj, "},\n \"copy_gbs_end\": {");
+    for (int i = 0; fj && i < o.nthreads; i++)
+        fprintf(fj, "%s\"%d\": %.3f", i ? ", " : "", o.threads[i], copy_bw_end[o.threads[i] < 8 ? o.threads[i] : 8] * 1e-9);
+    if (fj)
+        fprintf(fj, "},\n \"cpu\": \"%s\",\n \"rounds\": %d,\n \"reps\": %d,\n \"isa\": \"%s\",\n \"results\": [\n", cpu,
+                o.rounds, o.reps, bnorm_isa_name(bnorm_get_isa()));
+    printf("\n%s; medians of %d round(s) of %d calls each\n", cpu, o.rounds, o.reps);
+    printf("speedup = peer time / bnorm time (> 1: bnorm faster); x_best against the faster peer; bound = fraction of the copy bandwidth\n");
+    printf("%-16s %-9s %-2s %-4s %2s %8s %6s %8s %6s %8s %6s %7s %7s %7s\n", "shape", "op", "ly", "dt", "th", "bnorm_ms",
+           "bound", "dnnl_ms", "bound", "torch_ms", "bound", "x_dnnl", "x_torch", "x_best");
     for (size_t i = 0; i < nres; i++) {
         const result *r = &res[i];
         char sname[64];
@@ -844,9 +933,10 @@ int main(int argc, char **argv) {
         double cb = r->bytes / r->t_copy; /* the case's own reference copy */
         double fb = r->bytes / r->t_bnorm / cb, fd = r->bytes / r->t_dnnl / cb, ft = r->bytes / r->t_torch / cb;
         double xd = r->t_dnnl / r->t_bnorm, xt = r->t_torch / r->t_bnorm;
-        printf("%-16s %-9s %-2s %-4s %2d %8.3f %6.3f %8.3f %6.3f %8.3f %6.3f %7.2f %7.2f\n", sname, op_name[r->op],
+        double xb = isnan(xd) ? xt : isnan(xt) ? xd : xd < xt ? xd : xt;
+        printf("%-16s %-9s %-2s %-4s %2d %8.3f %6.3f %8.3f %6.3f %8.3f %6.3f %7.2f %7.2f %7.2f%s\n", sname, op_name[r->op],
                r->layout ? "cl" : "cf", dtype_tag(r->dtype), r->threads, r->t_bnorm * 1e3, fb, r->t_dnnl * 1e3, fd,
-               r->t_torch * 1e3, ft, xd, xt);
+               r->t_torch * 1e3, ft, xd, xt, xb, xb < 1 ? " <" : "");
         if (fc)
             fprintf(fc, "%s,%s,%s,%s,%s,%d,%.0f,%.3f,%.4f,%.3f,%.4f,%.4f,%.4f,%.4f,%.4f,%.3f,%.3f\n", sname,
                     shapes[r->shape_idx].set, op_name[r->op], r->layout ? "cl" : "cf", dtype_tag(r->dtype), r->threads,

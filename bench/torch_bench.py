@@ -11,12 +11,27 @@ For each case it prints one line:  RESULT <line index> <median seconds>
 With copy_bytes, every call is followed (untimed) by a copy moving that many bytes (read + written),
 as bnorm_bench does after each call of bnorm and oneDNN, so all three start each call in the same
 cache state (without it, tensors that fit the L3 cache would be timed warm for PyTorch only).
+Kernel against kernel: before timing, glibc's malloc is told (mallopt) to keep freed memory instead
+of returning it to the kernel, so torch's freshly allocated outputs reuse pages already faulted in, as
+with a caching allocator or a caller's preallocated buffers (bnorm and oneDNN write into buffers
+allocated once). Without it each large output is a fresh mmap whose page faults cost more than the
+kernel (../docs/performance.md). BNORM_BENCH_TORCH_FRESH=1 keeps glibc's defaults (out of the box).
 Backward ops call aten's native_batch_norm_backward directly (what autograd runs), so no graph overhead
 is timed; the fused backward is the autograd graph of relu(batch_norm(x) + addend).
 """
+import ctypes
+import os
 import statistics
 import sys
 import time
+
+if os.environ.get("BNORM_BENCH_TORCH_FRESH") != "1":
+    try:
+        _libc = ctypes.CDLL("libc.so.6")
+        _libc.mallopt(-4, 0)  # M_MMAP_MAX: no mmap'd allocations
+        _libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: never give freed memory back
+    except OSError:
+        pass
 
 try:
     import torch

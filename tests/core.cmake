@@ -57,3 +57,15 @@ if(BNORM_NM)
   add_test(NAME test_exports COMMAND ${CMAKE_COMMAND} -DNM=${BNORM_NM} -DLIB=$<TARGET_FILE:bnorm>
                                      -P ${CMAKE_CURRENT_SOURCE_DIR}/abi/check_exports.cmake)
 endif()
+
+# Both walks of the row kernels on every machine (issue 19): which one a CPU takes is chosen from its
+# vendor (src/cpu/tuning.c), so each test of the row kernels also runs with each walk forced.
+foreach(walk row block)
+  foreach(t test_functional test_hard test_embed)
+    add_test(NAME ${t}_walk_${walk} COMMAND ${t})
+    set_tests_properties(${t}_walk_${walk} PROPERTIES ENVIRONMENT "BNORM_ROWS_WALK=${walk}")
+  endforeach()
+endforeach()
+add_test(NAME test_embed_verbose_tuning COMMAND test_embed verbose)
+set_tests_properties(test_embed_verbose_tuning PROPERTIES ENVIRONMENT "BNORM_VERBOSE=1;BNORM_ROWS_WALK=block"
+  PASS_REGULAR_EXPRESSION "walk=blocks,tuning=(intel|amd|other),l1d=[0-9]+K,l2=[0-9]+K,l3=[0-9a-z]+M?\\((cpuid|sysconf|defaults)\\),chanblock=[0-9]+K,rowgroup=[0-9]+K,rowwalk<=0")

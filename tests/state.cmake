@@ -39,7 +39,7 @@ if(BNORM_CLANG)
     set(fuzz_sources ${CMAKE_CURRENT_SOURCE_DIR}/fuzz/fuzz_safetensors.c ${src}/io/safetensors.c
         ${src}/layer/layer.c ${src}/layer/fold.c ${src}/core/error.c ${src}/core/desc.c ${src}/core/half.c
         ${src}/core/plan.c ${src}/core/comm.c
-        ${src}/cpu/dispatch.c ${src}/cpu/driver.c ${src}/cpu/kernels.c)
+        ${src}/cpu/dispatch.c ${src}/cpu/driver.c ${src}/cpu/tuning.c ${src}/cpu/kernels.c)
     set(fuzz_exe ${CMAKE_CURRENT_BINARY_DIR}/fuzz_safetensors)
     add_custom_command(OUTPUT ${fuzz_exe}
       COMMAND ${BNORM_CLANG} -std=c11 -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined

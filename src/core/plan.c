@@ -275,10 +275,13 @@ static void bn_verbose_line(const bnorm_plan *p, const char *what, double us) {
                             : (p->fa.relu ? "forward_inference_add_relu" : "forward_inference");
     else
         op = p->ba.use_global_stats ? "backward_global_stats" : "backward";
-    fprintf(stderr, "bnorm_verbose,%s,%s,%s,%s,%s,schedule=%s,isa=%s,threads=%d%s,comm=%d,%.3f us\n", what, op, shape,
-            d->layout == BNORM_LAYOUT_CHANNELS_LAST ? "channels_last" : "channels_first", bnorm_dtype_name(d->dtype),
-            p->sched_name, bnorm_isa_name(p->isa), p->ex.nt, p->ex.pool.parallel_for ? "(pool)" : "",
-            p->comm ? p->comm->size : 0, us);
+    /* then the backend's parameters for this plan (the CPU's: which row walk, what it derived from the CPU) */
+    char detail[256];
+    bn_cpu_plan_detail(p, detail, sizeof detail);
+    fprintf(stderr, "bnorm_verbose,%s,%s,%s,%s,%s,schedule=%s,isa=%s,threads=%d%s,comm=%d,%.3f us,%s\n", what, op,
+            shape, d->layout == BNORM_LAYOUT_CHANNELS_LAST ? "channels_last" : "channels_first",
+            bnorm_dtype_name(d->dtype), p->sched_name, bnorm_isa_name(p->isa), p->ex.nt,
+            p->ex.pool.parallel_for ? "(pool)" : "", p->comm ? p->comm->size : 0, us, detail);
 }
 
 /* ---- execution -------------------------------------------------------------------------------- */

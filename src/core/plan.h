@@ -67,6 +67,9 @@ bnorm_status bn_plan_exec_forward(const char *func, bnorm_plan *p, const bnorm_f
 bnorm_status bn_plan_exec_backward(const char *func, bnorm_plan *p, const bnorm_backward_args *a, double *ws);
 
 /* The CPU backend (src/cpu/driver.c). */
+/* The CPU backend's parameters of plan p (the row walk, what tuning.c derived from the CPU), for
+ * BNORM_VERBOSE. */
+void bn_cpu_plan_detail(const bnorm_plan *p, char *buf, size_t cap);
 void bn_cpu_plan_forward(bnorm_plan *p);
 void bn_cpu_plan_backward(bnorm_plan *p);
 bnorm_status bn_cpu_forward(const bnorm_plan *p, const bnorm_forward_args *a, double *ws);

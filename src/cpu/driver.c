@@ -16,6 +16,7 @@
 #include "simd.h"
 
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 
 
@@ -147,14 +148,13 @@ static void bn_fwd_apply_planes(const bn_fwd_ctx *f, int64_t p, double mean, dou
  * Each channel's partials are merged in plane order whatever the block size or thread count, so the
  * results depend on neither. */
 enum { BN_BLOCK_MAX = 64 };
-static const double bn_l2_budget = 1024.0 * 1024.0;
 
 #define BN_STAGE_BYTES (16 * 1024)
 #define BN_STAGE_PLANE_MAX 2048
 
 static int64_t bn_block_channels(const bn_geom *g, int tensors, int stream) {
     double slice = (double)g->outer * (double)g->inner * (double)g->esize * tensors;
-    int64_t cb = (int64_t)(bn_l2_budget / slice);
+    int64_t cb = (int64_t)((double)bn_tuning_get()->l2_budget / slice);
     cb = cb < 1 ? 1 : cb > BN_BLOCK_MAX ? BN_BLOCK_MAX : cb;
     size_t plane = (size_t)g->inner * g->esize;
     if (stream && plane < BN_STAGE_PLANE_MAX && (size_t)cb * plane > BN_STAGE_BYTES)
@@ -486,7 +486,7 @@ enum { BN_RUN_BLOCK_MAX = 256 };
  * backward) and a run (one batch index of the block) of at most BN_RUN values. */
 static int64_t bn_run_channels(const bn_geom *g, int tensors) {
     double slice = (double)g->outer * (double)g->inner * (double)g->esize * tensors;
-    int64_t cb = (int64_t)(bn_l2_budget / slice), cmax = BN_RUN / g->inner;
+    int64_t cb = (int64_t)((double)bn_tuning_get()->l2_budget / slice), cmax = BN_RUN / g->inner;
     if (cmax > BN_RUN_BLOCK_MAX) cmax = BN_RUN_BLOCK_MAX;
     return cb < 1 ? 1 : cb > cmax ? cmax : cb;
 }
@@ -847,6 +847,16 @@ static const char *const bn_sched_names[] = {"empty", "inference-run", "inferenc
 static void bn_plan_set(bnorm_plan *p, int sched) {
     p->sched = sched;
     p->sched_name = bn_sched_names[sched];
+}
+
+void bn_cpu_plan_detail(const bnorm_plan *p, char *buf, size_t cap) {
+    const bn_tuning *tu = bn_tuning_get();
+    const bn_geom *g = &p->g;
+    if (!g->planes)
+        snprintf(buf, cap, "walk=%s,tuning=%s", (size_t)g->C * g->esize <= tu->row_walk_max_bytes ? "rows" : "blocks",
+                 tu->text);
+    else
+        snprintf(buf, cap, "tuning=%s", tu->text);
 }
 
 void bn_cpu_plan_forward(bnorm_plan *p) {
@@ -1483,12 +1493,19 @@ static void bn_bwd_apply_split_task(void *env_, int t) {
         } else {
             bn_range(g->outer, t, nt, &lo, &hi);
             if (hi <= lo) return;
-            int64_t off = lo * C;
-            const uint8_t *mask = a->relu_mask ? (const uint8_t *)a->relu_mask + lo * b->mask_stride : NULL;
-            b->k->rows_bwd_apply(bn_at(b->ax, off, es), bn_at(a->dy, off, es), mask, b->mask_stride,
-                                 a->dx ? (char *)a->dx + off * (int64_t)es : NULL,
-                                 a->daddend ? (char *)a->daddend + off * (int64_t)es : NULL, hi - lo, C, co->km,
-                                 co->kml, co->ka1, co->ka2, co->ka3, b->stream);
+            /* the sums pass read the thread's rows front to back, so the rows read last are the ones
+               still cached: apply in pieces from the end of the range back (as the forward does) */
+            int64_t piece = (int64_t)(bn_tuning_get()->apply_piece_bytes / ((size_t)C * es));
+            if (piece < 1) piece = 1;
+            for (int64_t r1 = hi; r1 > lo;) {
+                const int64_t r0 = r1 - piece > lo ? r1 - piece : lo, off = r0 * C;
+                const uint8_t *mask = a->relu_mask ? (const uint8_t *)a->relu_mask + r0 * b->mask_stride : NULL;
+                b->k->rows_bwd_apply(bn_at(b->ax, off, es), bn_at(a->dy, off, es), mask, b->mask_stride,
+                                     a->dx ? (char *)a->dx + off * (int64_t)es : NULL,
+                                     a->daddend ? (char *)a->daddend + off * (int64_t)es : NULL, r1 - r0, C, co->km,
+                                     co->kml, co->ka1, co->ka2, co->ka3, b->stream);
+                r1 = r0;
+            }
         }
         if (b->stream) bn_stream_fence();
     }

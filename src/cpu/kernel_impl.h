@@ -437,22 +437,26 @@ static void KN(rows_dev)(const void *xv, int64_t rows, int64_t C, const void *re
 
 /* Row kernels keep a block of BN_RB channels' double accumulators in registers across a group of
  * rows (channel block outer, rows inner) instead of loading and storing accumulator arrays for every
- * row. A group is a contiguous piece of about BN_RG_BYTES (it stays in L1 while its channel blocks
+ * row. A group is a contiguous piece of about row_group_bytes (tuning.c; it stays in L1 while its channel blocks
  * are swept); the next group is prefetched while one is processed. */
 #ifndef BN_RB_DEFINED
 #define BN_RB_DEFINED
-enum { BN_RB = 16, BN_RG_BYTES = 16 * 1024 };
+enum { BN_RB = 16 }; /* the group's bytes: bn_tuning's row_group_bytes (a third of the L1 data cache) */
 #ifndef BN_ROWS_REGBLOCK /* 0: the per-row accumulator loops (kept for comparisons in the benchmark) */
 #define BN_ROWS_REGBLOCK 1
 #endif
 static inline int64_t bn_row_group(int64_t C, size_t esize) {
-    int64_t rg = (int64_t)(BN_RG_BYTES / ((size_t)C * esize));
+    int64_t rg = (int64_t)(bn_tuning_get()->row_group_bytes / ((size_t)C * esize));
     return rg < 4 ? 4 : rg;
 }
 static inline void bn_prefetch_bytes(const void *p, size_t bytes) {
 #if defined(__GNUC__)
     const char *c = (const char *)p;
+#ifndef BN_NO_PF
     for (size_t i = 0; i < bytes; i += 64) __builtin_prefetch(c + i, 0, 3);
+#else
+    (void)c; (void)bytes;
+#endif
 #else
     (void)p;
     (void)bytes;
@@ -487,6 +491,18 @@ static inline void bn_prefetch_part(const void *p, size_t bytes, int64_t part, i
 static void KN(rows_stats)(const void *xv, int64_t rows, int64_t C, const void *kv, double *s1, double *s2) {
     const KT *x = (const KT *)xv;
     const KA *k = (const KA *)kv;
+    if (!BN_ROWS_REGBLOCK || (size_t)C * sizeof(KT) <= bn_tuning_get()->row_walk_max_bytes) { /* row by row */
+        for (int64_t r = 0; r < rows; r++) {
+            const KT *xr = x + r * C;
+#pragma omp simd
+            for (int64_t c = 0; c < C; c++) {
+                double d = (double)KLD(xr[c]) - (double)k[c];
+                s1[c] += d;
+                BN_SQ_ACC(s2[c], d);
+            }
+        }
+        return;
+    }
     const int64_t cfull = C - C % BN_RB, rg = bn_row_group(C, sizeof(KT));
     for (int64_t r0 = 0; r0 < rows; r0 += rg) {
         const int64_t nr = rows - r0 < rg ? rows - r0 : rg;
@@ -632,7 +648,8 @@ static void KN(rows_bwd_reduce)(const void *xv, const void *dyv, const uint8_t *
     KA gm[BN_CHUNK];
     /* register blocking pays only when a group holds many rows (narrow rows); with wide rows
        (C = 1024: 4 rows per group) the per-row sweep measured faster */
-    if (BN_ROWS_REGBLOCK && !mask && C >= BN_RB && bn_row_group(C, 2 * sizeof(KT)) >= 16) {
+    if (BN_ROWS_REGBLOCK && !mask && C >= BN_RB && bn_row_group(C, 2 * sizeof(KT)) >= 16 &&
+        (size_t)C * sizeof(KT) > bn_tuning_get()->row_walk_max_bytes) {
         KN(rows_bwd_reduce_rb)(xv, dyv, rows, C, meanv, mlov, sg, sgx);
         return;
     }
