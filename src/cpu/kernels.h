@@ -80,11 +80,13 @@ enum { BN_VENDOR_OTHER = 0, BN_VENDOR_INTEL = 1, BN_VENDOR_AMD = 2 };
 typedef struct bn_tuning {
     int vendor;
     size_t l1d, l2, l3;       /* bytes; 0: unknown or implausible */
+    size_t l1d_or_default;    /* l1d, or 48 KiB when unknown */
     const char *source;       /* "cpuid", "sysconf" or "defaults" */
     size_t l2_budget;         /* channel schedule: bytes of a block of channels' slices */
     size_t row_group_bytes;   /* row kernels: bytes of a group of rows walked in column blocks */
     size_t apply_piece_bytes; /* split schedule: rows applied per piece, back to front */
     size_t row_walk_max_bytes; /* rows of at most this many bytes are walked row by row (0: never) */
+    size_t stream_rows_min_bytes; /* rows outputs of at least this many bytes are streamed */
     char text[192];           /* the above, for BNORM_VERBOSE */
 } bn_tuning;
 const bn_tuning *bn_tuning_get(void);

@@ -5,7 +5,8 @@
  * of this project reports a 508 MiB L3 in leaf 0x80000006), and what the measurements behind each rule
  * chose for that vendor.
  *
- * BNORM_ROWS_WALK=row|block overrides the one measured vendor choice (comparisons, tests).
+ * BNORM_ROWS_WALK=row|block and BNORM_ROWS_STREAM=always|never override the two measured vendor
+ * choices (comparisons, and the tests, which run both ways on every machine).
  */
 #include "kernels.h"
 
@@ -102,22 +103,32 @@ static void bn_tuning_detect(bn_tuning *t) {
          parts walk rows of up to 2 KiB row by row and keep the column blocks for wider rows (where a
          group is a few long sequential streams). */
     const size_t l1 = t->l1d ? t->l1d : (size_t)48 << 10, l2 = t->l2 ? t->l2 : (size_t)2 << 20;
+    t->l1d_or_default = l1;
     t->l2_budget = l2 / 2;
     if (t->l2_budget < ((size_t)256 << 10)) t->l2_budget = (size_t)256 << 10;
     t->row_group_bytes = l1 / 3;
     if (t->row_group_bytes < ((size_t)8 << 10)) t->row_group_bytes = (size_t)8 << 10;
     t->apply_piece_bytes = (size_t)64 << 10;
     t->row_walk_max_bytes = t->vendor == BN_VENDOR_AMD ? 2048 : 0;
+    /* Streaming (non-temporal) stores of rows outputs: from 1 MiB on the Xeon (docs/performance.md
+       note 22); on the EPYC streamed NHWC outputs measured slower at every size tried (12-98 MiB:
+       training forward 0.86-0.93x of oneDNN streamed, 1.02-1.05x cached at 32x64x112x112), so AMD
+       parts write rows through the cache. */
+    t->stream_rows_min_bytes = t->vendor == BN_VENDOR_AMD ? ~(size_t)0 >> 1 : (size_t)1 << 20;
+    const char *st = getenv("BNORM_ROWS_STREAM");
+    if (st && !strcmp(st, "always")) t->stream_rows_min_bytes = 0;
+    else if (st && !strcmp(st, "never")) t->stream_rows_min_bytes = ~(size_t)0 >> 1;
     const char *w = getenv("BNORM_ROWS_WALK");
     if (w && !strcmp(w, "row")) t->row_walk_max_bytes = (size_t)1 << 40;
     else if (w && !strcmp(w, "block")) t->row_walk_max_bytes = 0;
     char l3[32] = "unknown";
     if (t->l3) snprintf(l3, sizeof l3, "%zuM", t->l3 >> 20);
-    snprintf(t->text, sizeof t->text, "%s,l1d=%zuK,l2=%zuK,l3=%s(%s),chanblock=%zuK,rowgroup=%zuK,rowwalk<=%s",
+    snprintf(t->text, sizeof t->text, "%s,l1d=%zuK,l2=%zuK,l3=%s(%s),chanblock=%zuK,rowgroup=%zuK,rowwalk<=%s,rowstream>=%s",
              t->vendor == BN_VENDOR_INTEL ? "intel" : t->vendor == BN_VENDOR_AMD ? "amd" : "other", t->l1d >> 10,
              t->l2 >> 10, l3, t->source, t->l2_budget >> 10,
              t->row_group_bytes >> 10,
-             t->row_walk_max_bytes == 0 ? "0" : t->row_walk_max_bytes > ((size_t)1 << 30) ? "all" : "2048B");
+             t->row_walk_max_bytes == 0 ? "0" : t->row_walk_max_bytes > ((size_t)1 << 30) ? "all" : "2048B",
+             t->stream_rows_min_bytes > ((size_t)1 << 40) ? "never" : t->stream_rows_min_bytes ? "1M" : "0");
 }
 
 const bn_tuning *bn_tuning_get(void) {
