@@ -68,9 +68,12 @@ foreach(walk row block)
 endforeach()
 add_test(NAME test_embed_verbose_tuning COMMAND test_embed verbose)
 set_tests_properties(test_embed_verbose_tuning PROPERTIES ENVIRONMENT "BNORM_VERBOSE=1;BNORM_ROWS_WALK=block"
-  PASS_REGULAR_EXPRESSION "walk=blocks,tuning=(intel|amd|other),l1d=[0-9]+K,l2=[0-9]+K,l3=[0-9a-z]+M?\\((cpuid|sysconf|defaults)\\),chanblock=[0-9]+K,rowgroup=[0-9]+K,rowwalk<=0,rowstream>=(1M|never)")
-# ... and with the row outputs streamed from the first byte (AMD parts never stream them by default).
+  PASS_REGULAR_EXPRESSION "walk=blocks,tuning=(intel|amd|other),l1d=[0-9]+K,l2=[0-9]+K,l3=[0-9a-z]+M?\\((cpuid|sysconf|defaults)\\),chanblock=[0-9]+K,rowgroup=[0-9]+K,rowwalk<=0,rowstream>=(1M|never),inferstream=(planes|no)")
+# ... and with every output streamed from the first byte (so the streaming paths run on small tensors
+# too, whatever the CPU chose), and with none streamed.
 foreach(t test_functional test_hard test_fused)
-  add_test(NAME ${t}_rows_stream COMMAND ${t})
-  set_tests_properties(${t}_rows_stream PROPERTIES ENVIRONMENT "BNORM_ROWS_STREAM=always")
+  add_test(NAME ${t}_stream_always COMMAND ${t})
+  set_tests_properties(${t}_stream_always PROPERTIES ENVIRONMENT "BNORM_ROWS_STREAM=always;BNORM_PLANES_STREAM=always")
+  add_test(NAME ${t}_stream_never COMMAND ${t})
+  set_tests_properties(${t}_stream_never PROPERTIES ENVIRONMENT "BNORM_ROWS_STREAM=never;BNORM_PLANES_STREAM=never")
 endforeach()

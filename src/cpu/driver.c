@@ -31,7 +31,7 @@
 #define BN_STREAM_MIN_PLANES BN_STREAM_MIN_BYTES
 #define BN_STREAM_MIN_ROWS BN_STREAM_MIN_BYTES
 #else
-#define BN_STREAM_MIN_PLANES (16.0 * 1024 * 1024)
+#define BN_STREAM_MIN_PLANES ((double)bn_tuning_get()->stream_planes_min_bytes)
 #define BN_STREAM_MIN_ROWS ((double)bn_tuning_get()->stream_rows_min_bytes)
 #endif
 #ifndef BN_BWD_REVERSE
@@ -902,6 +902,9 @@ static void bn_fwd_ctx_init(bn_fwd_ctx *f, const bnorm_plan *p, const bnorm_forw
     f->dbl = a->desc.dtype == BNORM_DTYPE_F64;
     f->mask_stride = bn_mask_stride(&f->g);
     f->stream = bn_stream_output(&f->g);
+    /* inference on planes: one flat walk, no re-read of x; whether streaming its output pays is the
+       CPU's (tuning.c) */
+    if (f->g.planes && p->sched == BN_SCHED_INFER_FLAT && !bn_tuning_get()->stream_planes_inference) f->stream = 0;
 }
 
 bnorm_status bn_cpu_forward(const bnorm_plan *p, const bnorm_forward_args *a, double *ws) {

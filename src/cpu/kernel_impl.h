@@ -472,16 +472,18 @@ static inline void bn_prefetch_bytes(const void *p, size_t bytes) {
 #ifndef BN_PF_SPREAD
 #define BN_PF_SPREAD 4096
 #endif
-/* Row-by-row walks keep two double accumulators per channel; when those of a whole row do not fit a
- * quarter of the L1 data cache (C > 768 on a 48 KiB L1), the walk goes over a group of rows (half the
- * L2) one chunk of channels at a time, so the accumulators stay in L1 (C = 2048 backward sums on the
- * EPYC: they spilled to L2 and ran at half the speed of C = 256). Returns the chunk (C: no chunking). */
-#ifndef BN_BWD_CHUNK
-#define BN_BWD_CHUNK 0
+/* Row-by-row walks keep two double accumulators per channel; when those of a whole row do not fit
+ * half the L1 data cache (C > 1536 on a 48 KiB L1), the walk goes over a group of rows (half the L2)
+ * one chunk of channels at a time (equal chunks), so the accumulators stay in L1. Returns the chunk
+ * (C: no chunking). */
+#ifndef BN_RB_BWD_MINROWS
+#define BN_RB_BWD_MINROWS 16
 #endif
 static inline int64_t bn_row_chunk(int64_t C) {
-    const int64_t cw = (int64_t)(bn_tuning_get()->l1d_or_default / 4 / (2 * sizeof(double)));
-    return cw >= C ? C : cw < 64 ? 64 : cw - cw % 16;
+    const int64_t fit = (int64_t)(bn_tuning_get()->l1d_or_default / 2 / (2 * sizeof(double)));
+    if (C <= fit) return C;
+    const int64_t parts = (C + fit - 1) / fit, cw = (C + parts - 1) / parts;
+    return (cw + 15) / 16 * 16;
 }
 static inline int64_t bn_row_chunk_group(int64_t C, size_t row_bytes_per_channel) {
     const int64_t g = (int64_t)(bn_tuning_get()->l2_budget / ((size_t)C * row_bytes_per_channel));
@@ -670,12 +672,12 @@ static void KN(rows_bwd_reduce)(const void *xv, const void *dyv, const uint8_t *
     KA gm[BN_CHUNK];
     /* register blocking pays only when a group holds many rows (narrow rows); with wide rows
        (C = 1024: 4 rows per group) the per-row sweep measured faster */
-    if (BN_ROWS_REGBLOCK && !mask && C >= BN_RB && bn_row_group(C, 2 * sizeof(KT)) >= 16 &&
+    if (BN_ROWS_REGBLOCK && !mask && C >= BN_RB && bn_row_group(C, 2 * sizeof(KT)) >= BN_RB_BWD_MINROWS &&
         (size_t)C * sizeof(KT) > bn_tuning_get()->row_walk_max_bytes) {
         KN(rows_bwd_reduce_rb)(xv, dyv, rows, C, meanv, mlov, sg, sgx);
         return;
     }
-    const int64_t cw = (mask || !BN_BWD_CHUNK) ? C : bn_row_chunk(C), grp = cw < C ? bn_row_chunk_group(C, 2 * sizeof(KT)) : rows;
+    const int64_t cw = mask ? C : bn_row_chunk(C), grp = cw < C ? bn_row_chunk_group(C, 2 * sizeof(KT)) : rows;
     for (int64_t r = 0; r < rows; r++) {
         const KT *xr = (const KT *)xv + r * C, *gr = (const KT *)dyv + r * C;
         if (mask) {

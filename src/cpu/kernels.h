@@ -87,7 +87,9 @@ typedef struct bn_tuning {
     size_t apply_piece_bytes; /* split schedule: rows applied per piece, back to front */
     size_t row_walk_max_bytes; /* rows of at most this many bytes are walked row by row (0: never) */
     size_t stream_rows_min_bytes; /* rows outputs of at least this many bytes are streamed */
-    char text[192];           /* the above, for BNORM_VERBOSE */
+    size_t stream_planes_min_bytes; /* the same for planes (channels-first) */
+    int stream_planes_inference; /* 0: inference on planes (one flat walk) never streams */
+    char text[256];           /* the above, for BNORM_VERBOSE */
 } bn_tuning;
 const bn_tuning *bn_tuning_get(void);
 

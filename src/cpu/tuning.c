@@ -5,8 +5,8 @@
  * of this project reports a 508 MiB L3 in leaf 0x80000006), and what the measurements behind each rule
  * chose for that vendor.
  *
- * BNORM_ROWS_WALK=row|block and BNORM_ROWS_STREAM=always|never override the two measured vendor
- * choices (comparisons, and the tests, which run both ways on every machine).
+ * BNORM_ROWS_WALK=row|block, BNORM_ROWS_STREAM=always|never and BNORM_PLANES_STREAM=always|never
+ * override the measured choices (comparisons, and the tests, which run each way on every machine).
  */
 #include "kernels.h"
 
@@ -110,11 +110,21 @@ static void bn_tuning_detect(bn_tuning *t) {
     if (t->row_group_bytes < ((size_t)8 << 10)) t->row_group_bytes = (size_t)8 << 10;
     t->apply_piece_bytes = (size_t)64 << 10;
     t->row_walk_max_bytes = t->vendor == BN_VENDOR_AMD ? 2048 : 0;
-    /* Streaming (non-temporal) stores of rows outputs: from 1 MiB on the Xeon (docs/performance.md
-       note 22); on the EPYC streamed NHWC outputs measured slower at every size tried (12-98 MiB:
-       training forward 0.86-0.93x of oneDNN streamed, 1.02-1.05x cached at 32x64x112x112), so AMD
-       parts write rows through the cache. */
-    t->stream_rows_min_bytes = t->vendor == BN_VENDOR_AMD ? ~(size_t)0 >> 1 : (size_t)1 << 20;
+    /* Streaming (non-temporal) stores of rows outputs from 1 MiB (docs/performance.md note 22, on
+       the Xeon); the EPYC measured no worse streamed at 12-98 MiB and better on inference of L3-sized
+       tensors (32x1024x14x14 NHWC: 1.15x of oneDNN streamed, 1.02-1.06x cached) */
+    t->stream_rows_min_bytes = (size_t)1 << 20;
+
+    t->stream_planes_min_bytes = (size_t)16 << 20;
+    /* Inference on planes is one flat walk (x read once): on the EPYC its output written through the
+       cache measured 12-25% faster than streamed on 28x28 to 112x112 planes in a quiet round and
+       level in a loaded one; the Xeon keeps streaming (note 22). Training schedules re-read x from
+       the cache and keep streaming on both (unstreamed, 64x256x1024 NCW training forward went from
+       3.6 to 7.1 ms on the EPYC). */
+    t->stream_planes_inference = t->vendor != BN_VENDOR_AMD;
+    const char *sp = getenv("BNORM_PLANES_STREAM");
+    if (sp && !strcmp(sp, "always")) t->stream_planes_min_bytes = 0, t->stream_planes_inference = 1;
+    else if (sp && !strcmp(sp, "never")) t->stream_planes_min_bytes = ~(size_t)0 >> 1;
     const char *st = getenv("BNORM_ROWS_STREAM");
     if (st && !strcmp(st, "always")) t->stream_rows_min_bytes = 0;
     else if (st && !strcmp(st, "never")) t->stream_rows_min_bytes = ~(size_t)0 >> 1;
@@ -123,12 +133,13 @@ static void bn_tuning_detect(bn_tuning *t) {
     else if (w && !strcmp(w, "block")) t->row_walk_max_bytes = 0;
     char l3[32] = "unknown";
     if (t->l3) snprintf(l3, sizeof l3, "%zuM", t->l3 >> 20);
-    snprintf(t->text, sizeof t->text, "%s,l1d=%zuK,l2=%zuK,l3=%s(%s),chanblock=%zuK,rowgroup=%zuK,rowwalk<=%s,rowstream>=%s",
+    snprintf(t->text, sizeof t->text, "%s,l1d=%zuK,l2=%zuK,l3=%s(%s),chanblock=%zuK,rowgroup=%zuK,rowwalk<=%s,rowstream>=%s,inferstream=%s",
              t->vendor == BN_VENDOR_INTEL ? "intel" : t->vendor == BN_VENDOR_AMD ? "amd" : "other", t->l1d >> 10,
              t->l2 >> 10, l3, t->source, t->l2_budget >> 10,
              t->row_group_bytes >> 10,
              t->row_walk_max_bytes == 0 ? "0" : t->row_walk_max_bytes > ((size_t)1 << 30) ? "all" : "2048B",
-             t->stream_rows_min_bytes > ((size_t)1 << 40) ? "never" : t->stream_rows_min_bytes ? "1M" : "0");
+             t->stream_rows_min_bytes > ((size_t)1 << 40) ? "never" : t->stream_rows_min_bytes ? "1M" : "0",
+             t->stream_planes_inference ? "planes" : "no");
 }
 
 const bn_tuning *bn_tuning_get(void) {
