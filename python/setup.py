@@ -8,6 +8,7 @@ Needs Debian's python3-dev, python3-setuptools, python3-numpy, cmake and a C com
 Environment: BNORM_CMAKE_ARGS (extra CMake arguments), BNORM_BUILD_JOBS (default: CPU count).
 """
 import os
+import re
 import subprocess
 
 from setuptools import Extension, setup
@@ -39,6 +40,15 @@ class CMakeBuildExt(build_ext):
         super().build_extension(ext)
 
 
+def _version():
+    """The project's one version: CMake's project(bnorm VERSION x.y.z)."""
+    with open(os.path.join(ROOT, "CMakeLists.txt")) as f:
+        m = re.search(r"project\(bnorm\s+VERSION\s+([0-9.]+)", f.read())
+    if not m:
+        raise RuntimeError("bnorm: no project(bnorm VERSION ...) in CMakeLists.txt")
+    return m.group(1)
+
+
 ext = Extension(
     "bnorm._bnorm",
     sources=["src/_bnorm.c"],
@@ -50,7 +60,7 @@ ext = Extension(
 
 setup(
     name="bnorm",
-    version="0.1.0",
+    version=_version(),
     description="Batch normalization (PyTorch/OneFlow/MegEngine semantics) on numpy arrays and CPU torch tensors",
     packages=["bnorm"],
     ext_modules=[ext],

@@ -13,8 +13,8 @@ from . import _bnorm
 from ._bnorm import get_isa, get_num_threads, set_isa, set_num_threads
 from . import functional, nn, megengine, oneflow  # noqa: E402
 
-__version__ = "0.1.0"
 library_version = _bnorm.version
+__version__ = library_version  # one version: the C library's (CMake's project version)
 
 __all__ = ["functional", "nn", "megengine", "oneflow", "set_num_threads", "get_num_threads", "get_isa",
            "set_isa", "library_version"]

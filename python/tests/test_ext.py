@@ -88,3 +88,15 @@ def test_layout_from_strides():
     assert _bnorm.layout(torch.zeros(2, 3, 4, 5, 6).contiguous(memory_format=torch.channels_last_3d)) == \
         "channels_last"
     assert _bnorm.layout(torch.zeros(4, 3, dtype=torch.bfloat16)) == "channels_first"
+
+
+def test_one_version():
+    """The package's version is the C library's, which is CMake's project version."""
+    import os
+    import re
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with open(os.path.join(root, "CMakeLists.txt")) as f:
+        cmake_version = re.search(r"project\(bnorm\s+VERSION\s+([0-9.]+)", f.read()).group(1)
+    assert bnorm.__version__ == bnorm.library_version == cmake_version
+    from importlib.metadata import version
+    assert version("bnorm") == cmake_version
