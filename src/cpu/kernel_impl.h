@@ -505,6 +505,16 @@ static inline void bn_prefetch_part(const void *p, size_t bytes, int64_t part, i
  * which needs k[c] to be one of the values of channel c: the caller passes the block's first row):
  * s1[c] += sum (x - k[c]), s2[c] += sum (x - k[c])^2, in double. The caller checks the sums are
  * finite and otherwise redoes the block with rows_sum + rows_dev. */
+/* The shifted sums of channels [c0, c1) of one row xr, added to s1 and s2. */
+static inline void KN(row_stats_span)(const KT *xr, int64_t c0, int64_t c1, const KA *k, double *s1, double *s2) {
+#pragma omp simd
+    for (int64_t c = c0; c < c1; c++) {
+        double d = (double)KLD(xr[c]) - (double)k[c];
+        s1[c] += d;
+        BN_SQ_ACC(s2[c], d);
+    }
+}
+
 static void KN(rows_stats)(const void *xv, int64_t rows, int64_t C, const void *kv, double *s1, double *s2) {
     const KT *x = (const KT *)xv;
     const KA *k = (const KA *)kv;
@@ -514,15 +524,7 @@ static void KN(rows_stats)(const void *xv, int64_t rows, int64_t C, const void *
             const int64_t r1 = rows - r0 < grp ? rows : r0 + grp;
             for (int64_t c0 = 0; c0 < C; c0 += cw) {
                 const int64_t c1 = C - c0 < cw ? C : c0 + cw;
-                for (int64_t r = r0; r < r1; r++) {
-                    const KT *xr = x + r * C;
-#pragma omp simd
-                    for (int64_t c = c0; c < c1; c++) {
-                        double d = (double)KLD(xr[c]) - (double)k[c];
-                        s1[c] += d;
-                        BN_SQ_ACC(s2[c], d);
-                    }
-                }
+                for (int64_t r = r0; r < r1; r++) KN(row_stats_span)(x + r * C, c0, c1, k, s1, s2);
             }
         }
         return;
@@ -565,15 +567,7 @@ static void KN(rows_stats)(const void *xv, int64_t rows, int64_t C, const void *
             }
         }
         if (cfull < C)
-            for (int64_t r = 0; r < nr; r++) {
-                const KT *xr = xg + r * C;
-#pragma omp simd
-                for (int64_t c = cfull; c < C; c++) {
-                    double d = (double)KLD(xr[c]) - (double)k[c];
-                    s1[c] += d;
-                    BN_SQ_ACC(s2[c], d);
-                }
-            }
+            for (int64_t r = 0; r < nr; r++) KN(row_stats_span)(xg + r * C, cfull, C, k, s1, s2);
     }
 }
 
