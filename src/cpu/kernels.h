@@ -85,6 +85,7 @@ typedef struct bn_tuning {
     size_t l2_budget;         /* channel schedule: bytes of a block of channels' slices */
     size_t row_group_bytes;   /* row kernels: bytes of a group of rows walked in column blocks */
     size_t apply_piece_bytes; /* split schedule: rows applied per piece, back to front */
+    int apply_back_to_front;  /* training forward on rows: apply back to front (1) or front to back */
     size_t row_walk_max_bytes; /* rows of at most this many bytes are walked row by row (0: never) */
     size_t stream_rows_min_bytes; /* rows outputs of at least this many bytes are streamed */
     size_t stream_planes_min_bytes; /* the same for planes (channels-first) */
