@@ -72,42 +72,59 @@ def _param(t, pdt):
     return t if t.dtype == pdt else t.to(pdt)
 
 
-class _Function(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, addend, running_mean, running_var, training, momentum, eps, relu, comm):
-        xd = _prepare(x)
-        pdt = _pdtype(xd.dtype)
-        c = xd.shape[1]
-        w, b = _param(weight, pdt), _param(bias, pdt)
-        ad = None if addend is None else _like(addend, xd)
-        y = torch.empty_like(xd)
-        cx = _dl(xd)
-        mask = torch.empty(_bnorm.relu_mask_size(cx), dtype=torch.uint8) if relu else None
-        if training:
-            rm, rv = _param(running_mean, pdt), _param(running_var, pdt)
+def _forward(x, weight, bias, addend, running_mean, running_var, training, momentum, eps, relu, comm, save):
+    """The forward of bnorm.torch: y, and with save what the backward needs (x as read, the parameters,
+    the saved statistics, the mask), or None."""
+    xd = _prepare(x)
+    pdt = _pdtype(xd.dtype)
+    c = xd.shape[1]
+    w, b = _param(weight, pdt), _param(bias, pdt)
+    ad = None if addend is None else _like(addend, xd)
+    y = torch.empty_like(xd)
+    cx = _dl(xd)
+    mask = torch.empty(_bnorm.relu_mask_size(cx), dtype=torch.uint8) if relu and save else None
+    if training:
+        rm, rv = _param(running_mean, pdt), _param(running_var, pdt)
+        mean = invstd = mean_lo = None
+        if save:
             mean = torch.empty(c, dtype=pdt)
             invstd = torch.empty(c, dtype=pdt)
             mean_lo = torch.empty(c, dtype=pdt)  # the mean in full precision: hi + lo
-            _bnorm.forward(cx, _dl(y), weight=_dl(w), bias=_dl(b), running_mean=_dl(rm), running_var=_dl(rv),
-                           save_mean=_dl(mean), save_invstd=_dl(invstd), save_mean_lo=_dl(mean_lo), addend=_dl(ad),
-                           relu_mask=_dl(mask), training=True, momentum=momentum, eps=eps, relu=relu, comm=comm)
-            for buf, tmp in ((running_mean, rm), (running_var, rv)):
-                if buf is not None and tmp is not buf and tmp.data_ptr() != buf.data_ptr():
-                    buf.copy_(tmp)
-            ctx.global_stats = False
-        else:
+        _bnorm.forward(cx, _dl(y), weight=_dl(w), bias=_dl(b), running_mean=_dl(rm), running_var=_dl(rv),
+                       save_mean=_dl(mean), save_invstd=_dl(invstd), save_mean_lo=_dl(mean_lo), addend=_dl(ad),
+                       relu_mask=_dl(mask), training=True, momentum=momentum, eps=eps, relu=relu, comm=comm)
+        for buf, tmp in ((running_mean, rm), (running_var, rv)):
+            if buf is not None and tmp is not buf and tmp.data_ptr() != buf.data_ptr():
+                buf.copy_(tmp)
+    else:
+        mean_lo = None
+        if save:
             mean = _param(running_mean, pdt).clone()
             invstd = _param(running_var, pdt).clone()  # the variance: the backward adds eps
-            _bnorm.forward(cx, _dl(y), weight=_dl(w), bias=_dl(b), running_mean=_dl(mean),
-                           running_var=_dl(invstd), addend=_dl(ad), relu_mask=_dl(mask), training=False, eps=eps,
-                           relu=relu)
-            mean_lo = None
-            ctx.global_stats = True
+        else:
+            mean, invstd = _param(running_mean, pdt), _param(running_var, pdt)
+        _bnorm.forward(cx, _dl(y), weight=_dl(w), bias=_dl(b), running_mean=_dl(mean),
+                       running_var=_dl(invstd), addend=_dl(ad), relu_mask=_dl(mask), training=False, eps=eps,
+                       relu=relu)
+    return y, ((xd, w, mean, invstd, mask, mean_lo) if save else None)
+
+
+def _needs_grad(*ts):
+    """Whether autograd will differentiate through a call on these tensors."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+
+
+class _Function(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, addend, running_mean, running_var, training, momentum, eps, relu, comm):
+        y, saved = _forward(x, weight, bias, addend, running_mean, running_var, training, momentum, eps, relu,
+                            comm, True)
+        ctx.global_stats = not training
         ctx.eps = eps
         ctx.comm = comm
         ctx.has_addend = addend is not None
         ctx.w_dtype = None if weight is None else weight.dtype
-        ctx.save_for_backward(xd, w, mean, invstd, mask, mean_lo)
+        ctx.save_for_backward(*saved)
         return y
 
     @staticmethod
@@ -150,6 +167,9 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     _check_device(input, "bnorm.torch.batch_norm")
     if not training and (running_mean is None or running_var is None):
         raise ValueError("bnorm.torch.batch_norm: running_mean and running_var are required when training=False")
+    if not _needs_grad(input, weight, bias, addend):  # nothing to differentiate: no graph, nothing saved
+        return _forward(input, weight, bias, addend, running_mean, running_var, bool(training), float(momentum),
+                        float(eps), bool(relu), comm, False)[0]
     return _Function.apply(input, weight, bias, addend, running_mean, running_var, bool(training),
                            float(momentum), float(eps), bool(relu), comm)
 
@@ -185,7 +205,12 @@ class _Mixin:
         rm = self.running_mean if track else None
         rv = self.running_var if track else None
         comm = self._bnorm_comm() if bn_training else None
-        y = _Function.apply(input, self.weight, self.bias, addend, rm, rv, bn_training, float(eaf), float(self.eps), bool(relu), comm)
+        w, b = self.weight, self.bias
+        if _needs_grad(input, w, b, addend):
+            y = _Function.apply(input, w, b, addend, rm, rv, bn_training, float(eaf), float(self.eps), bool(relu), comm)
+        else:  # inference under no_grad, frozen parameters and input: no graph, nothing saved
+            y = _forward(input, w, b, addend, rm, rv, bn_training, float(eaf), float(self.eps), bool(relu), comm,
+                         False)[0]
         if counting:
             self.num_batches_tracked.add_(1)
         return y

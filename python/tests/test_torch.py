@@ -124,6 +124,44 @@ def test_requires_grad_off_and_eval_without_stats():
     assert m.weight.grad is None and m.bias.grad is not None
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("relu", [False, True])
+def test_no_graph_path_matches_torch(channels_last, relu):
+    """Without anything to differentiate (torch.no_grad, or frozen parameters and an input without grad)
+    the modules skip the autograd Function: outputs and running statistics still match torch, several
+    train and eval steps in a row, and nothing is recorded for autograd."""
+    gen = torch.Generator().manual_seed(11)
+    ref = nn.BatchNorm2d(5, momentum=None)
+    mine = bt.FusedBatchNorm2d(5, momentum=None) if relu else bt.BatchNorm2d(5, momentum=None)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for step in range(4):
+        x = (torch.randn(3, 5, 4, 6, generator=gen) * 2 + 1).contiguous(memory_format=fmt)
+        a = torch.randn(3, 5, 4, 6, generator=gen).contiguous(memory_format=fmt)
+        for m in (ref, mine):
+            m.train(step != 2)
+        if step % 2 == 0:
+            with torch.no_grad():
+                want = torch.relu(ref(x) + a) if relu else ref(x)
+                got = mine(x, a) if relu else mine(x)
+        else:  # grad mode on, but nothing requires grad
+            for m in (ref, mine):
+                m.weight.requires_grad_(False)
+                m.bias.requires_grad_(False)
+            want = (torch.relu(ref(x) + a) if relu else ref(x)).detach()
+            got = mine(x, a) if relu else mine(x)
+        assert got.grad_fn is None and not got.requires_grad
+        close(got, want, "float32")
+        close(mine.running_mean, ref.running_mean, "float32")
+        close(mine.running_var, ref.running_var, "float32")
+        assert int(mine.num_batches_tracked) == int(ref.num_batches_tracked)
+    # and with an input that requires grad, the graph is there again
+    mine.weight.requires_grad_(True)
+    x = torch.randn(3, 5, 4, 6, generator=gen, requires_grad=True)
+    mine.train()
+    y = mine(x, torch.zeros_like(x)) if relu else mine(x)
+    assert y.grad_fn is not None
+
+
 def test_isinstance_and_repr():
     m = bt.BatchNorm2d(8)
     assert isinstance(m, nn.BatchNorm2d)
