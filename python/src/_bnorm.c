@@ -309,6 +309,20 @@ fail:
     return -1;
 }
 
+/* The ReLU mask: a contiguous buffer of at least bnorm_relu_mask_size bytes. obj may be None (data NULL). */
+static int mask_view(PyObject *obj, int want_write, const bnorm_desc *desc, view *v)
+{
+    if (obj == Py_None) return 0;
+    if (view_get(obj, "relu_mask", want_write, v) != 0) return -1;
+    int64_t bytes = view_numel(v) * v->itemsize;
+    if (!view_is_layout(v, BNORM_LAYOUT_CHANNELS_FIRST) || bytes < (int64_t)bnorm_relu_mask_size(desc)) {
+        PyErr_Format(PyExc_ValueError, "bnorm: relu_mask must be a contiguous buffer of at least %zu bytes "
+                     "(relu_mask_size(x))", bnorm_relu_mask_size(desc));
+        return -1;
+    }
+    return 0;
+}
+
 /* A per-channel array: 1-D, [C], contiguous, of the parameter dtype. obj may be None (data NULL). */
 static int chan_view(PyObject *obj, const char *name, int want_write, const bnorm_desc *desc, view *v)
 {
@@ -446,7 +460,7 @@ static PyObject *raise_status(bnorm_status s, pycomm *pc)
 
 /* --- forward / backward ------------------------------------------------------------------------ */
 
-#define NVIEWS 11
+#define NVIEWS 12
 
 static PyObject *py_forward(PyObject *self, PyObject *args, PyObject *kw)
 {
@@ -475,15 +489,7 @@ static PyObject *py_forward(PyObject *self, PyObject *args, PyObject *kw)
         chan_view(osm, "save_mean", 1, &d, &v[7]) || chan_view(osi, "save_invstd", 1, &d, &v[8]) ||
         chan_view(oslo, "save_mean_lo", 1, &d, &v[10]))
         goto done;
-    if (omask != Py_None) {
-        if (view_get(omask, "relu_mask", 1, &v[9]) != 0) goto done;
-        int64_t bytes = view_numel(&v[9]) * v[9].itemsize;
-        if (!view_is_layout(&v[9], BNORM_LAYOUT_CHANNELS_FIRST) || bytes < (int64_t)bnorm_relu_mask_size(&d)) {
-            PyErr_Format(PyExc_ValueError, "bnorm: relu_mask must be a contiguous buffer of at least %zu bytes "
-                         "(relu_mask_size(x))", bnorm_relu_mask_size(&d));
-            goto done;
-        }
-    }
+    if (mask_view(omask, 1, &d, &v[9]) != 0) goto done;
     if (comm_parse(ocomm, &comm, &pc, &cp) != 0) goto done;
     bnorm_forward_args a = {
         .desc = d, .x = v[0].data, .y = v[1].data, .weight = v[3].data, .bias = v[4].data, .eps = eps,
@@ -534,32 +540,16 @@ static PyObject *py_backward(PyObject *self, PyObject *args, PyObject *kw)
         chan_view(odw, "dweight", 1, &d, &v[8]) || chan_view(odb, "dbias", 1, &d, &v[9]) ||
         chan_view(omlo, "mean_lo", 0, &d, &v[10]))
         goto done;
-    view mask;
-    memset(&mask, 0, sizeof mask);
-    if (omask != Py_None) {
-        if (view_get(omask, "relu_mask", 0, &mask) != 0) goto done;
-        int64_t bytes = view_numel(&mask) * mask.itemsize;
-        if (!view_is_layout(&mask, BNORM_LAYOUT_CHANNELS_FIRST) || bytes < (int64_t)bnorm_relu_mask_size(&d)) {
-            view_release(&mask);
-            PyErr_Format(PyExc_ValueError, "bnorm: relu_mask must be a contiguous buffer of at least %zu bytes "
-                         "(relu_mask_size(x))", bnorm_relu_mask_size(&d));
-            goto done;
-        }
-    }
-    if (comm_parse(ocomm, &comm, &pc, &cp) != 0) {
-        view_release(&mask);
-        goto done;
-    }
+    if (mask_view(omask, 0, &d, &v[11]) != 0 || comm_parse(ocomm, &comm, &pc, &cp) != 0) goto done;
     bnorm_backward_args a = {
         .desc = d, .x = v[0].data, .dy = v[1].data, .dx = v[2].data, .weight = v[4].data, .mean = v[5].data,
-        .invstd = v[6].data, .var = v[7].data, .eps = eps, .use_global_stats = global, .relu_mask = mask.data,
+        .invstd = v[6].data, .var = v[7].data, .eps = eps, .use_global_stats = global, .relu_mask = v[11].data,
         .daddend = v[3].data, .dweight = v[8].data, .dbias = v[9].data, .accumulate = accumulate, .comm = cp,
         .reduce_param_grads = reduce, .mean_lo = v[10].data};
     bnorm_status s;
     Py_BEGIN_ALLOW_THREADS
     s = bnorm_backward(&a);
     Py_END_ALLOW_THREADS
-    view_release(&mask);
     if (s != BNORM_STATUS_OK) {
         raise_status(s, &pc);
     } else {

@@ -147,3 +147,15 @@ def test_allgather_exception_becomes_runtime_error(bn):
     with pytest.raises(RuntimeError, match="returned 5 bytes"):
         bn(np.zeros((4, 3, 2, 2), np.float32))
     unchanged(bn, before)
+
+
+def test_relu_mask_too_small_forward_and_backward():
+    """A ReLU mask smaller than relu_mask_size(x) is refused by both calls, with the size it needs."""
+    x = np.random.default_rng(0).random((4, 3, 5, 5)).astype(np.float32)
+    y = np.empty_like(x)
+    small = np.zeros(2, np.uint8)
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    with pytest.raises(ValueError, match="relu_mask must be a contiguous buffer of at least 48 bytes"):
+        _bnorm.forward(x, y, running_mean=rm, running_var=rv, training=True, relu=True, relu_mask=small)
+    with pytest.raises(ValueError, match="relu_mask must be a contiguous buffer of at least 48 bytes"):
+        _bnorm.backward(x, x, dx=y, mean=rm, invstd=rv, relu_mask=small)
