@@ -17,7 +17,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.autograd.function import once_differentiable
-from torch.utils.dlpack import to_dlpack as _to_dlpack
 
 from . import _bnorm
 
@@ -25,137 +24,99 @@ __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "FusedBatchNorm1d", "Fus
            "FusedBatchNorm3d", "SyncBatchNorm", "convert", "batch_norm", "torch_comm"]
 
 
-def _is_channels_last(t):
-    """C innermost, then the spatial dims in order, then N (dims of size 1 ignored)."""
-    if t.dim() < 3:
-        return False
-    shape, stride = t.shape, t.stride()
-    order = [1] + list(range(t.dim() - 1, 1, -1)) + [0]
-    expect = 1
-    for i in order:
-        if shape[i] != 1 and stride[i] != expect:
-            return False
-        expect *= shape[i]
-    return True
-
-
-def _prepare(x):
-    # no detach needed: autograd.Function.forward runs without grad recording, and the C call reads
-    # the memory through to_dlpack, which (unlike tensor.__dlpack__) accepts tensors requiring grad.
-    if x.is_contiguous() or _is_channels_last(x):
-        return x
-    return x.contiguous()
+_bnorm.register_torch(torch.Tensor, torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64)
+# From here on the extension reads torch tensors through data_ptr(), shape, stride() and dtype (about
+# 0.1 us a tensor; a DLPack export cost 0.45 us), tensors requiring grad included.
 
 
 def _like(t, ref):
-    """t with ref's exact strides (copied once when they differ)."""
-    if t.stride() == ref.stride() and t.dtype == ref.dtype:
+    """t with ref's exact strides and dtype (copied once when they differ)."""
+    if t.dtype == ref.dtype and t.stride() == ref.stride():
         return t
     out = torch.empty_like(ref)
     out.copy_(t)
     return out
 
 
-def _dl(t):
-    """The tensor as a DLPack capsule for the extension (a C call; tensor.__dlpack__ is Python code and
-    cost more than the whole small-tensor batch norm)."""
-    return None if t is None else _to_dlpack(t)
-
-
-def _pdtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _param(t, pdt):
-    if t is None:
-        return None
-    return t if t.dtype == pdt else t.to(pdt)
-
-
-def _forward(x, weight, bias, addend, running_mean, running_var, training, momentum, eps, relu, comm, save):
-    """The forward of bnorm.torch: y, and with save what the backward needs (x as read, the parameters,
-    the saved statistics, the mask), or None."""
-    xd = _prepare(x)
-    pdt = _pdtype(xd.dtype)
-    c = xd.shape[1]
-    w, b = _param(weight, pdt), _param(bias, pdt)
+def _forward(x, weight, bias, addend, running_mean, running_var, training, momentum, eps, relu, comm, nbt,
+             save):
+    """The forward of bnorm.torch: y, and with save what the backward needs (x as read, the weight, the
+    saved statistics packed in one tensor, the ReLU mask), or None. nbt: num_batches_tracked or None;
+    the C call counts it after a successful training call, and momentum None means 1 / (nbt + 1)."""
+    xd = x if x.is_contiguous() or _bnorm.is_dense(x) else x.contiguous()
+    pdt = torch.float64 if xd.dtype == torch.float64 else torch.float32
+    w = weight if weight is None or weight.dtype == pdt else weight.to(pdt)
+    b = bias if bias is None or bias.dtype == pdt else bias.to(pdt)
+    rm = running_mean if running_mean is None or running_mean.dtype == pdt else running_mean.to(pdt)
+    rv = running_var if running_var is None or running_var.dtype == pdt else running_var.to(pdt)
     ad = None if addend is None else _like(addend, xd)
     y = torch.empty_like(xd)
-    cx = _dl(xd)
-    mask = torch.empty(_bnorm.relu_mask_size(cx), dtype=torch.uint8) if relu and save else None
+    mask = torch.empty(_bnorm.relu_mask_size(xd), dtype=torch.uint8) if relu and save else None
     if training:
-        rm, rv = _param(running_mean, pdt), _param(running_var, pdt)
-        mean = invstd = mean_lo = None
-        if save:
-            mean = torch.empty(c, dtype=pdt)
-            invstd = torch.empty(c, dtype=pdt)
-            mean_lo = torch.empty(c, dtype=pdt)  # the mean in full precision: hi + lo
-        _bnorm.forward(cx, _dl(y), weight=_dl(w), bias=_dl(b), running_mean=_dl(rm), running_var=_dl(rv),
-                       save_mean=_dl(mean), save_invstd=_dl(invstd), save_mean_lo=_dl(mean_lo), addend=_dl(ad),
-                       relu_mask=_dl(mask), training=True, momentum=momentum, eps=eps, relu=relu, comm=comm)
-        for buf, tmp in ((running_mean, rm), (running_var, rv)):
-            if buf is not None and tmp is not buf and tmp.data_ptr() != buf.data_ptr():
-                buf.copy_(tmp)
+        # saved: mean (hi), invstd, mean (lo): the mean in full precision is hi + lo
+        sv = torch.empty(3 * xd.shape[1], dtype=pdt) if save else None
+        _bnorm.forward_fast(xd, y, w, b, rm, rv, sv, ad, mask, True, momentum, eps, relu, comm, nbt)
+        if rm is not running_mean:
+            running_mean.copy_(rm)
+        if rv is not running_var:
+            running_var.copy_(rv)
     else:
-        mean_lo = None
-        if save:
-            mean = _param(running_mean, pdt).clone()
-            invstd = _param(running_var, pdt).clone()  # the variance: the backward adds eps
-        else:
-            mean, invstd = _param(running_mean, pdt), _param(running_var, pdt)
-        _bnorm.forward(cx, _dl(y), weight=_dl(w), bias=_dl(b), running_mean=_dl(mean),
-                       running_var=_dl(invstd), addend=_dl(ad), relu_mask=_dl(mask), training=False, eps=eps,
-                       relu=relu)
-    return y, ((xd, w, mean, invstd, mask, mean_lo) if save else None)
+        sv = torch.cat((rm, rv)) if save else None  # saved: mean, var (the backward adds eps)
+        _bnorm.forward_fast(xd, y, w, b, rm, rv, None, ad, mask, False, 0.0, eps, relu, None, None)
+    return y, ((xd, w, sv, mask) if save else None)
 
 
-def _needs_grad(*ts):
+def _needs_grad(x, w, b, a):
     """Whether autograd will differentiate through a call on these tensors."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+    return torch.is_grad_enabled() and (x.requires_grad or (w is not None and w.requires_grad) or
+                                        (b is not None and b.requires_grad) or (a is not None and a.requires_grad))
+
+
+def _backward(ctx, dy):
+    xd, w = ctx.saved_tensors
+    sv, mask, global_stats, eps, comm, has_addend, w_dtype = ctx.bnorm
+    need_x, need_w, need_b, need_a = ctx.needs_input_grad[:4]
+    dyd = _like(dy, xd)
+    pdt = sv.dtype
+    c = xd.shape[1]
+    dx = torch.empty_like(xd) if need_x or comm is not None else None
+    da = torch.empty_like(xd) if need_a and has_addend else None
+    if w is not None:  # the weight as the call read it: C values of the parameter dtype (empty_like is cheaper)
+        dw = torch.empty_like(w) if need_w else None
+        db = torch.empty_like(w) if need_b else None
+    else:
+        dw = None
+        db = torch.empty(c, dtype=pdt) if need_b else None
+    _bnorm.backward_fast(xd, dyd, dx, w, sv, mask, da, dw, db, global_stats, eps, comm)
+    if w_dtype is not None and w_dtype != pdt:
+        dw = None if dw is None else dw.to(w_dtype)
+        db = None if db is None else db.to(w_dtype)
+    return (dx if need_x else None), dw, db, da, None, None, None, None, None, None, None, None
+
+
+_backward_once = once_differentiable(_backward)
 
 
 class _Function(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, addend, running_mean, running_var, training, momentum, eps, relu, comm):
-        y, saved = _forward(x, weight, bias, addend, running_mean, running_var, training, momentum, eps, relu,
-                            comm, True)
-        ctx.global_stats = not training
-        ctx.eps = eps
-        ctx.comm = comm
-        ctx.has_addend = addend is not None
-        ctx.w_dtype = None if weight is None else weight.dtype
-        ctx.save_for_backward(*saved)
+    def forward(ctx, x, weight, bias, addend, running_mean, running_var, training, momentum, eps, relu, comm, nbt):
+        y, (xd, w, sv, mask) = _forward(x, weight, bias, addend, running_mean, running_var, training, momentum, eps,
+                                        relu, comm, nbt, True)
+        # x and the weight through save_for_backward (autograd checks they are not modified in place before the
+        # backward); the statistics and the mask are this call's own
+        ctx.save_for_backward(xd, w)
+        ctx.bnorm = (sv, mask, not training, eps, comm, addend is not None, None if weight is None else weight.dtype)
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy):
-        xd, w, mean, stat, mask, mean_lo = ctx.saved_tensors
-        need_x, need_w, need_b, need_a = ctx.needs_input_grad[:4]
-        dyd = _like(dy, xd)
-        pdt = _pdtype(xd.dtype)
-        c = xd.shape[1]
-        dx = torch.empty_like(xd) if need_x or ctx.comm is not None else None
-        da = torch.empty_like(xd) if need_a and ctx.has_addend else None
-        dw = torch.empty(c, dtype=pdt) if need_w else None
-        db = torch.empty(c, dtype=pdt) if need_b else None
-        if ctx.global_stats:
-            _bnorm.backward(_dl(xd), _dl(dyd), dx=_dl(dx), weight=_dl(w), mean=_dl(mean), var=_dl(stat), eps=ctx.eps,
-                            use_global_stats=True, relu_mask=_dl(mask), daddend=_dl(da), dweight=_dl(dw),
-                            dbias=_dl(db))
-        else:
-            _bnorm.backward(_dl(xd), _dl(dyd), dx=_dl(dx), weight=_dl(w), mean=_dl(mean), mean_lo=_dl(mean_lo),
-                            invstd=_dl(stat), relu_mask=_dl(mask), daddend=_dl(da), dweight=_dl(dw), dbias=_dl(db),
-                            comm=ctx.comm)
-        if dw is not None and ctx.w_dtype != pdt:
-            dw = dw.to(ctx.w_dtype)
-        if db is not None and ctx.w_dtype != pdt:
-            db = db.to(ctx.w_dtype)
-        return (dx if need_x else None), dw, db, da, None, None, None, None, None, None, None
+        if torch.is_grad_enabled():  # create_graph=True: once_differentiable makes a second backward raise
+            return _backward_once(ctx, dy)
+        return _backward(ctx, dy)
 
 
 def _check_device(t, who):
-    if t.device.type != "cpu":
+    if not t.is_cpu:
         raise ValueError("%s: bnorm computes on CPU tensors only, got a tensor on '%s'; keep torch's own module "
                          "for that device (do not convert it)" % (who, t.device.type))
 
@@ -169,15 +130,16 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         raise ValueError("bnorm.torch.batch_norm: running_mean and running_var are required when training=False")
     if not _needs_grad(input, weight, bias, addend):  # nothing to differentiate: no graph, nothing saved
         return _forward(input, weight, bias, addend, running_mean, running_var, bool(training), float(momentum),
-                        float(eps), bool(relu), comm, False)[0]
+                        float(eps), bool(relu), comm, None, False)[0]
     return _Function.apply(input, weight, bias, addend, running_mean, running_var, bool(training),
-                           float(momentum), float(eps), bool(relu), comm)
+                           float(momentum), float(eps), bool(relu), comm, None)
 
 
 class _Mixin:
     """forward() of torch's _BatchNorm, computed by bnorm; fused when _relu."""
 
     _relu = False
+    _sync = False
 
     def _bnorm_comm(self):
         return None
@@ -193,27 +155,31 @@ class _Mixin:
         return self._run(input, addend, True)
 
     def _run(self, input, addend, relu):
-        _check_device(input, type(self).__name__)
+        if not input.is_cpu:
+            _check_device(input, type(self).__name__)
         self._check_input_dim(input)
-        eaf = 0.0 if self.momentum is None else self.momentum
-        counting = self.training and self.track_running_stats and self.num_batches_tracked is not None
-        if counting:
-            n = int(self.num_batches_tracked) + 1
-            eaf = 1.0 / n if self.momentum is None else self.momentum
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
-        track = not self.training or self.track_running_stats
-        rm = self.running_mean if track else None
-        rv = self.running_var if track else None
-        comm = self._bnorm_comm() if bn_training else None
-        w, b = self.weight, self.bias
+        # parameters and buffers straight from their dicts (nn.Module.__getattr__ costs about 0.3 us a name);
+        # through the attribute where something else (a parametrization) provides them
+        p, bufs = self._parameters, self._buffers
+        w = p["weight"] if "weight" in p else self.weight
+        b = p["bias"] if "bias" in p else self.bias
+        rm = bufs["running_mean"] if "running_mean" in bufs else self.running_mean
+        rv = bufs["running_var"] if "running_var" in bufs else self.running_var
+        training = self.training
+        bn_training = training or (rm is None and rv is None)
+        nbt = None
+        if training:
+            if self.track_running_stats:  # counted by the C call once it succeeded (torch's add_(1))
+                nbt = bufs["num_batches_tracked"] if "num_batches_tracked" in bufs else self.num_batches_tracked
+            else:
+                rm = rv = None
+        comm = self._bnorm_comm() if bn_training and self._sync else None
         if _needs_grad(input, w, b, addend):
-            y = _Function.apply(input, w, b, addend, rm, rv, bn_training, float(eaf), float(self.eps), bool(relu), comm)
-        else:  # inference under no_grad, frozen parameters and input: no graph, nothing saved
-            y = _forward(input, w, b, addend, rm, rv, bn_training, float(eaf), float(self.eps), bool(relu), comm,
-                         False)[0]
-        if counting:
-            self.num_batches_tracked.add_(1)
-        return y
+            return _Function.apply(input, w, b, addend, rm, rv, bn_training, self.momentum, self.eps, relu, comm,
+                                   nbt)
+        # inference under no_grad, frozen parameters and input: no graph, nothing saved
+        return _forward(input, w, b, addend, rm, rv, bn_training, self.momentum, self.eps, relu, comm, nbt,
+                        False)[0]
 
 
 class BatchNorm1d(_Mixin, nn.BatchNorm1d):
@@ -266,6 +232,7 @@ class SyncBatchNorm(_Mixin, nn.SyncBatchNorm):
     them). bnorm_validate=False drops the small extra all-gather that turns a C mismatch into an error."""
 
     bnorm_validate = True
+    _sync = True
 
     def _check_input_dim(self, input):
         if input.dim() < 2:

@@ -47,6 +47,7 @@ typedef struct dl_managed {
 /* --- argument views ------------------------------------------------------------------------- */
 
 #define DT_OTHER (-1)
+#define DT_I64 1000 /* int64 (torch's num_batches_tracked); no bnorm data type */
 
 typedef struct {
     const char *name;   /* argument name for messages */
@@ -80,6 +81,7 @@ static int64_t view_numel(const view *v)
 
 static const char *dtype_text(const view *v)
 {
+    if (v->dtype == DT_I64) return "int64";
     if (v->dtype >= 0) return bnorm_dtype_name((bnorm_dtype)v->dtype);
     return "an unsupported element type";
 }
@@ -121,6 +123,7 @@ static int view_from_capsule(PyObject *cap, view *v)
         if (t->dtype.code == 2 && t->dtype.bits == 64) v->dtype = BNORM_DTYPE_F64;
         if (t->dtype.code == 2 && t->dtype.bits == 16) v->dtype = BNORM_DTYPE_F16;
         if (t->dtype.code == 4 && t->dtype.bits == 16) v->dtype = BNORM_DTYPE_BF16;
+        if (t->dtype.code == 0 && t->dtype.bits == 64) v->dtype = DT_I64;
     }
     int64_t s = 1;
     for (int i = v->ndim - 1; i >= 0; i--) {
@@ -132,13 +135,139 @@ static int view_from_capsule(PyObject *cap, view *v)
     return 0;
 }
 
+/* --- torch tensors, read through their attributes ----------------------------------------------
+ * bnorm.torch registers torch.Tensor and its four dtypes once (register_torch). A tensor of that type
+ * is then read through data_ptr(), shape, stride(), dtype and is_cpu: about a tenth of a microsecond
+ * in all, against half a microsecond for a DLPack export, and nothing to free. The caller's reference
+ * keeps the tensor (so its storage) alive for the call. */
+static PyTypeObject *torch_tensor_type;
+static PyObject *torch_dtypes[5]; /* float32, float64, float16, bfloat16, int64 (owned) */
+static const int torch_dtype_codes[5] = {BNORM_DTYPE_F32, BNORM_DTYPE_F64, BNORM_DTYPE_F16, BNORM_DTYPE_BF16, DT_I64};
+static PyObject *str_is_cpu, *str_shape, *str_stride, *str_dtype, *str_data_ptr, *str_device, *str_element_size;
+
+static PyObject *py_register_torch(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *type, *d[5];
+    if (!PyArg_ParseTuple(args, "O!OOOOO", &PyType_Type, &type, &d[0], &d[1], &d[2], &d[3], &d[4])) return NULL;
+    if (!str_is_cpu) {
+        str_is_cpu = PyUnicode_InternFromString("is_cpu");
+        str_shape = PyUnicode_InternFromString("shape");
+        str_stride = PyUnicode_InternFromString("stride");
+        str_dtype = PyUnicode_InternFromString("dtype");
+        str_data_ptr = PyUnicode_InternFromString("data_ptr");
+        str_device = PyUnicode_InternFromString("device");
+        str_element_size = PyUnicode_InternFromString("element_size");
+        if (!str_is_cpu || !str_shape || !str_stride || !str_dtype || !str_data_ptr || !str_device ||
+            !str_element_size)
+            return NULL;
+    }
+    Py_XSETREF(torch_tensor_type, (PyTypeObject *)Py_NewRef(type));
+    for (int i = 0; i < 5; i++) Py_XSETREF(torch_dtypes[i], Py_NewRef(d[i]));
+    Py_RETURN_NONE;
+}
+
+/* Reads a tuple of ints (torch.Size or the tuple of stride()) into out[n]. */
+static int int_tuple(PyObject *t, int64_t *out, int n)
+{
+    if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != n) {
+        PyErr_SetString(PyExc_TypeError, "bnorm: a torch tensor's shape and strides disagree");
+        return -1;
+    }
+    for (int i = 0; i < n; i++) {
+        long long x = PyLong_AsLongLong(PyTuple_GET_ITEM(t, i));
+        if (x == -1 && PyErr_Occurred()) return -1;
+        out[i] = x;
+    }
+    return 0;
+}
+
+static int view_from_torch(PyObject *obj, view *v)
+{
+    PyObject *cpu = PyObject_GetAttr(obj, str_is_cpu);
+    if (!cpu) return -1;
+    int on_cpu = cpu == Py_True;
+    Py_DECREF(cpu);
+    if (!on_cpu) {
+        PyObject *dev = PyObject_GetAttr(obj, str_device);
+        PyObject *ds = dev ? PyObject_Str(dev) : NULL;
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError, "bnorm: %s is not on the CPU (device '%s'); bnorm computes on CPU memory "
+                     "only: move it with .cpu() or keep torch's own module on that device", v->name,
+                     ds && PyUnicode_Check(ds) ? PyUnicode_AsUTF8(ds) : "?");
+        Py_XDECREF(ds);
+        Py_XDECREF(dev);
+        return -1;
+    }
+    PyObject *shape = PyObject_GetAttr(obj, str_shape);
+    if (!shape) return -1;
+    if (!PyTuple_Check(shape) || PyTuple_GET_SIZE(shape) > BNORM_MAX_RANK) {
+        if (PyTuple_Check(shape))
+            PyErr_Format(PyExc_ValueError, "bnorm: %s has rank %zd; at most %d is supported", v->name,
+                         PyTuple_GET_SIZE(shape), BNORM_MAX_RANK);
+        else
+            PyErr_Format(PyExc_TypeError, "bnorm: %s: a torch tensor whose shape is not a tuple", v->name);
+        Py_DECREF(shape);
+        return -1;
+    }
+    v->ndim = (int)PyTuple_GET_SIZE(shape);
+    int rc = int_tuple(shape, v->shape, v->ndim);
+    Py_DECREF(shape);
+    if (rc != 0) return -1;
+    PyObject *strides = PyObject_CallMethodNoArgs(obj, str_stride);
+    if (!strides) { /* sparse and other layouts without strides */
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "bnorm: %s must be a dense (strided) tensor", v->name);
+        return -1;
+    }
+    rc = int_tuple(strides, v->strides, v->ndim);
+    Py_DECREF(strides);
+    if (rc != 0) return -1;
+    PyObject *dt = PyObject_GetAttr(obj, str_dtype);
+    if (!dt) return -1;
+    v->dtype = DT_OTHER;
+    for (int i = 0; i < 5; i++)
+        if (dt == torch_dtypes[i]) v->dtype = torch_dtype_codes[i];
+    Py_DECREF(dt);
+    if (v->dtype == DT_I64) {
+        v->itemsize = 8;
+    } else if (v->dtype >= 0) {
+        v->itemsize = (int64_t)bnorm_dtype_size((bnorm_dtype)v->dtype);
+    } else {
+        PyObject *es = PyObject_CallMethodNoArgs(obj, str_element_size);
+        v->itemsize = es ? PyLong_AsLongLong(es) : 0;
+        Py_XDECREF(es);
+        PyErr_Clear();
+    }
+    PyObject *ptr = PyObject_CallMethodNoArgs(obj, str_data_ptr);
+    if (!ptr) { /* sparse, quantized and other tensors without plain storage */
+        PyObject *t, *val, *tb;
+        PyErr_Fetch(&t, &val, &tb);
+        PyObject *msg = val ? PyObject_Str(val) : NULL;
+        PyErr_Format(PyExc_TypeError, "bnorm: %s must be a dense (strided) tensor: %s", v->name,
+                     msg && PyUnicode_Check(msg) ? PyUnicode_AsUTF8(msg) : "its data pointer cannot be read");
+        Py_XDECREF(msg);
+        Py_XDECREF(t);
+        Py_XDECREF(val);
+        Py_XDECREF(tb);
+        return -1;
+    }
+    v->data = PyLong_AsVoidPtr(ptr);
+    Py_DECREF(ptr);
+    if (!v->data && PyErr_Occurred()) return -1;
+    v->readonly = 0;
+    return 0;
+}
+
 /* Fills v from obj (numpy array or anything with the buffer protocol; else __dlpack__).
  * want_write: the call writes into it. Returns 0, or -1 with an exception set. */
 static int view_get(PyObject *obj, const char *name, int want_write, view *v)
 {
     memset(v, 0, sizeof *v);
     v->name = name;
-    if (PyObject_CheckBuffer(obj)) {
+    if (torch_tensor_type && PyObject_TypeCheck(obj, torch_tensor_type)) {
+        if (view_from_torch(obj, v) != 0) goto fail;
+    } else if (PyObject_CheckBuffer(obj)) {
         if (PyObject_GetBuffer(obj, &v->buf, PyBUF_RECORDS_RO) != 0) {
             PyErr_Clear();
             PyErr_Format(PyExc_TypeError, "bnorm: %s: the object's buffer cannot be read with strides", name);
@@ -265,7 +394,7 @@ static int data_view(PyObject *obj, const char *name, int want_write, view *v, b
                          BNORM_MAX_RANK, v->ndim);
             goto fail;
         }
-        if (v->dtype < 0) {
+        if (v->dtype < 0 || v->dtype == DT_I64) {
             PyErr_Format(PyExc_TypeError, "bnorm: %s must be float32, float64, float16 or bfloat16, got %s "
                          "(%d-byte elements)", name, dtype_text(v), (int)v->itemsize);
             goto fail;
@@ -340,6 +469,34 @@ static int chan_view(PyObject *obj, const char *name, int want_write, const bnor
                      bnorm_dtype_name(p), bnorm_dtype_name(desc->dtype), dtype_text(v));
         goto fail;
     }
+    return 0;
+fail:
+    view_release(v);
+    return -1;
+}
+
+/* Several per-channel arrays packed in one 1-D array of k * C values (bnorm.torch's saved statistics:
+ * one allocation instead of k). obj may be None; on success ptrs[i] points at the i-th block of C. */
+static int packed_view(PyObject *obj, const char *name, int want_write, const bnorm_desc *desc, int k, view *v,
+                       void *ptrs[])
+{
+    memset(v, 0, sizeof *v);
+    for (int i = 0; i < k; i++) ptrs[i] = NULL;
+    if (obj == NULL || obj == Py_None) return 0;
+    if (view_get(obj, name, want_write, v) != 0) return -1;
+    bnorm_dtype p = bnorm_param_dtype(desc->dtype);
+    int64_t c = desc->dims[1];
+    if (v->ndim != 1 || v->shape[0] != k * c || (v->shape[0] > 1 && v->strides[0] != 1)) {
+        PyErr_Format(PyExc_ValueError, "bnorm: %s must be a contiguous 1-D array of %d x C = %lld values", name, k,
+                     (long long)(k * c));
+        goto fail;
+    }
+    if (v->dtype != (int)p) {
+        PyErr_Format(PyExc_TypeError, "bnorm: %s must be %s (the parameter dtype for %s data), got %s", name,
+                     bnorm_dtype_name(p), bnorm_dtype_name(desc->dtype), dtype_text(v));
+        goto fail;
+    }
+    for (int i = 0; i < k; i++) ptrs[i] = v->data + (size_t)i * (size_t)c * bnorm_dtype_size(p);
     return 0;
 fail:
     view_release(v);
@@ -460,45 +617,198 @@ static PyObject *raise_status(bnorm_status s, pycomm *pc)
 
 /* --- forward / backward ------------------------------------------------------------------------ */
 
-#define NVIEWS 12
+#define NVIEWS 13
+
+/* The arguments of a forward call, parsed from keywords (forward) or positions (forward_fast). */
+typedef struct {
+    PyObject *x, *y, *weight, *bias, *running_mean, *running_var, *save_mean, *save_invstd, *addend, *relu_mask,
+        *comm, *save_mean_lo, *save;
+    int training, relu;
+    double momentum, eps;
+    int64_t *nbt; /* num_batches_tracked, counted after a successful training call (or NULL) */
+} fwd_in;
+
+static PyObject *run_forward(const fwd_in *in)
+{
+    view v[NVIEWS];
+    memset(v, 0, sizeof v);
+    bnorm_desc d;
+    bnorm_comm comm;
+    pycomm pc;
+    memset(&pc, 0, sizeof pc);
+    const bnorm_comm *cp = NULL;
+    PyObject *ret = NULL;
+    if (data_view(in->x, "x", 0, &v[0], &d, 1) || data_view(in->y, "y", 1, &v[1], &d, 0)) goto done;
+    if (in->addend != Py_None && data_view(in->addend, "addend", 0, &v[2], &d, 0)) goto done;
+    if (chan_view(in->weight, "weight", 0, &d, &v[3]) || chan_view(in->bias, "bias", 0, &d, &v[4]) ||
+        chan_view(in->running_mean, "running_mean", !!in->training, &d, &v[5]) ||
+        chan_view(in->running_var, "running_var", !!in->training, &d, &v[6]) ||
+        chan_view(in->save_mean, "save_mean", 1, &d, &v[7]) || chan_view(in->save_invstd, "save_invstd", 1, &d, &v[8]) ||
+        chan_view(in->save_mean_lo, "save_mean_lo", 1, &d, &v[10]))
+        goto done;
+    void *saved[3];
+    if (packed_view(in->save, "save", 1, &d, 3, &v[11], saved) != 0) goto done;
+    if (in->save != Py_None) {
+        if (in->save_mean != Py_None || in->save_invstd != Py_None || in->save_mean_lo != Py_None) {
+            PyErr_SetString(PyExc_TypeError, "bnorm: save replaces save_mean, save_invstd and save_mean_lo");
+            goto done;
+        }
+        v[7].data = saved[0];
+        v[8].data = saved[1];
+        v[10].data = saved[2];
+    }
+    if (mask_view(in->relu_mask, 1, &d, &v[9]) != 0) goto done;
+    if (comm_parse(in->comm, &comm, &pc, &cp) != 0) goto done;
+    bnorm_forward_args a = {
+        .desc = d, .x = v[0].data, .y = v[1].data, .weight = v[3].data, .bias = v[4].data, .eps = in->eps,
+        .training = in->training, .running_mean = v[5].data, .running_var = v[6].data, .momentum = in->momentum,
+        .save_mean = v[7].data, .save_invstd = v[8].data, .addend = v[2].data, .relu = in->relu,
+        .relu_mask = v[9].data, .comm = cp, .save_mean_lo = v[10].data};
+    bnorm_status s;
+    Py_BEGIN_ALLOW_THREADS
+    s = bnorm_forward(&a);
+    Py_END_ALLOW_THREADS
+    if (s != BNORM_STATUS_OK) {
+        raise_status(s, &pc);
+    } else {
+        if (in->nbt && in->training && *in->nbt < INT64_MAX) ++*in->nbt;
+        ret = Py_NewRef(Py_None);
+    }
+    Py_CLEAR(pc.exc);
+done:
+    for (int i = 0; i < NVIEWS; i++) view_release(&v[i]);
+    return ret;
+}
 
 static PyObject *py_forward(PyObject *self, PyObject *args, PyObject *kw)
 {
     (void)self;
     static char *kwlist[] = {"x", "y", "weight", "bias", "running_mean", "running_var", "save_mean",
                              "save_invstd", "addend", "relu_mask", "training", "momentum", "eps", "relu",
-                             "comm", "save_mean_lo", NULL};
-    PyObject *ox, *oy, *ow = Py_None, *ob = Py_None, *orm = Py_None, *orv = Py_None, *osm = Py_None,
-             *osi = Py_None, *oa = Py_None, *omask = Py_None, *ocomm = Py_None, *oslo = Py_None;
-    int training = 0, relu = 0;
-    double momentum = 0.1, eps = 1e-5;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|$OOOOOOOOpddpOO", kwlist, &ox, &oy, &ow, &ob, &orm, &orv, &osm,
-                                     &osi, &oa, &omask, &training, &momentum, &eps, &relu, &ocomm, &oslo))
+                             "comm", "save_mean_lo", "save", NULL};
+    fwd_in in = {.weight = Py_None, .bias = Py_None, .running_mean = Py_None, .running_var = Py_None,
+                 .save_mean = Py_None, .save_invstd = Py_None, .addend = Py_None, .relu_mask = Py_None,
+                 .comm = Py_None, .save_mean_lo = Py_None, .save = Py_None, .momentum = 0.1, .eps = 1e-5};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|$OOOOOOOOpddpOOO", kwlist, &in.x, &in.y, &in.weight, &in.bias,
+                                     &in.running_mean, &in.running_var, &in.save_mean, &in.save_invstd, &in.addend,
+                                     &in.relu_mask, &in.training, &in.momentum, &in.eps, &in.relu, &in.comm,
+                                     &in.save_mean_lo, &in.save))
         return NULL;
+    return run_forward(&in);
+}
+
+/* Positional flags and numbers of the fast entries. */
+static int fast_bool(PyObject *o, int *out)
+{
+    int r = PyObject_IsTrue(o);
+    if (r < 0) return -1;
+    *out = r;
+    return 0;
+}
+
+static int fast_double(PyObject *o, const char *name, double *out)
+{
+    double d = PyFloat_AsDouble(o);
+    if (d == -1.0 && PyErr_Occurred()) {
+        PyErr_Format(PyExc_TypeError, "bnorm: %s must be a number", name);
+        return -1;
+    }
+    *out = d;
+    return 0;
+}
+
+/* forward_fast(x, y, weight, bias, running_mean, running_var, save, addend, relu_mask, training, momentum,
+ * eps, relu, comm, num_batches_tracked): forward with positional arguments only, for bnorm.torch's
+ * per-call path (keyword parsing of sixteen names cost more than the whole small-tensor call).
+ * num_batches_tracked: None, or torch's one-element int64 buffer, which a successful training call
+ * counts (in place, as the module's num_batches_tracked.add_(1) would); momentum None then means
+ * torch's cumulative average, 1 / (num_batches_tracked + 1). */
+static PyObject *py_forward_fast(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (nargs != 15) {
+        PyErr_Format(PyExc_TypeError, "bnorm: forward_fast takes 15 arguments, got %zd", nargs);
+        return NULL;
+    }
+    fwd_in in = {.x = args[0], .y = args[1], .weight = args[2], .bias = args[3], .running_mean = args[4],
+                 .running_var = args[5], .save = args[6], .addend = args[7], .relu_mask = args[8],
+                 .comm = args[13], .save_mean = Py_None, .save_invstd = Py_None, .save_mean_lo = Py_None};
+    if (fast_bool(args[9], &in.training) || fast_double(args[11], "eps", &in.eps) || fast_bool(args[12], &in.relu))
+        return NULL;
+    view vn;
+    memset(&vn, 0, sizeof vn);
+    if (args[14] != Py_None) {
+        if (view_get(args[14], "num_batches_tracked", 1, &vn) != 0) return NULL;
+        if (vn.dtype != DT_I64 || view_numel(&vn) != 1) {
+            PyErr_Format(PyExc_TypeError, "bnorm: num_batches_tracked must be one int64 value, got %s with %lld "
+                         "elements", dtype_text(&vn), (long long)view_numel(&vn));
+            view_release(&vn);
+            return NULL;
+        }
+        in.nbt = (int64_t *)vn.data;
+    }
+    PyObject *ret = NULL;
+    if (args[10] == Py_None) {
+        in.momentum = in.nbt ? 1.0 / ((double)*in.nbt + 1.0) : 0.0;
+    } else if (fast_double(args[10], "momentum", &in.momentum) != 0) {
+        goto done;
+    }
+    ret = run_forward(&in);
+done:
+    view_release(&vn);
+    return ret;
+}
+
+typedef struct {
+    PyObject *x, *dy, *dx, *weight, *mean, *invstd, *var, *relu_mask, *daddend, *dweight, *dbias, *comm, *mean_lo,
+        *saved;
+    double eps;
+    int global, accumulate, reduce;
+} bwd_in;
+
+static PyObject *run_backward(const bwd_in *in)
+{
     view v[NVIEWS];
     memset(v, 0, sizeof v);
     bnorm_desc d;
     bnorm_comm comm;
     pycomm pc;
+    memset(&pc, 0, sizeof pc);
     const bnorm_comm *cp = NULL;
     PyObject *ret = NULL;
-    if (data_view(ox, "x", 0, &v[0], &d, 1) || data_view(oy, "y", 1, &v[1], &d, 0)) goto done;
-    if (oa != Py_None && data_view(oa, "addend", 0, &v[2], &d, 0)) goto done;
-    if (chan_view(ow, "weight", 0, &d, &v[3]) || chan_view(ob, "bias", 0, &d, &v[4]) ||
-        chan_view(orm, "running_mean", !!training, &d, &v[5]) || chan_view(orv, "running_var", !!training, &d, &v[6]) ||
-        chan_view(osm, "save_mean", 1, &d, &v[7]) || chan_view(osi, "save_invstd", 1, &d, &v[8]) ||
-        chan_view(oslo, "save_mean_lo", 1, &d, &v[10]))
+    if (data_view(in->x, "x", 0, &v[0], &d, 1) || data_view(in->dy, "dy", 0, &v[1], &d, 0)) goto done;
+    if (in->dx != Py_None && data_view(in->dx, "dx", 1, &v[2], &d, 0)) goto done;
+    if (in->daddend != Py_None && data_view(in->daddend, "daddend", 1, &v[3], &d, 0)) goto done;
+    if (chan_view(in->weight, "weight", 0, &d, &v[4]) || chan_view(in->mean, "mean", 0, &d, &v[5]) ||
+        chan_view(in->invstd, "invstd", 0, &d, &v[6]) || chan_view(in->var, "var", 0, &d, &v[7]) ||
+        chan_view(in->dweight, "dweight", 1, &d, &v[8]) || chan_view(in->dbias, "dbias", 1, &d, &v[9]) ||
+        chan_view(in->mean_lo, "mean_lo", 0, &d, &v[10]))
         goto done;
-    if (mask_view(omask, 1, &d, &v[9]) != 0) goto done;
-    if (comm_parse(ocomm, &comm, &pc, &cp) != 0) goto done;
-    bnorm_forward_args a = {
-        .desc = d, .x = v[0].data, .y = v[1].data, .weight = v[3].data, .bias = v[4].data, .eps = eps,
-        .training = training, .running_mean = v[5].data, .running_var = v[6].data, .momentum = momentum,
-        .save_mean = v[7].data, .save_invstd = v[8].data, .addend = v[2].data, .relu = relu,
-        .relu_mask = v[9].data, .comm = cp, .save_mean_lo = v[10].data};
+    /* saved: (mean, var) with use_global_stats, else (mean, invstd, mean_lo), packed as forward's save */
+    void *saved[3];
+    if (packed_view(in->saved, "saved", 0, &d, in->global ? 2 : 3, &v[12], saved) != 0) goto done;
+    if (in->saved != Py_None) {
+        if (in->mean != Py_None || in->invstd != Py_None || in->var != Py_None || in->mean_lo != Py_None) {
+            PyErr_SetString(PyExc_TypeError, "bnorm: saved replaces mean, invstd, var and mean_lo");
+            goto done;
+        }
+        v[5].data = saved[0];
+        if (in->global) {
+            v[7].data = saved[1];
+        } else {
+            v[6].data = saved[1];
+            v[10].data = saved[2];
+        }
+    }
+    if (mask_view(in->relu_mask, 0, &d, &v[11]) != 0 || comm_parse(in->comm, &comm, &pc, &cp) != 0) goto done;
+    bnorm_backward_args a = {
+        .desc = d, .x = v[0].data, .dy = v[1].data, .dx = v[2].data, .weight = v[4].data, .mean = v[5].data,
+        .invstd = v[6].data, .var = v[7].data, .eps = in->eps, .use_global_stats = in->global,
+        .relu_mask = v[11].data, .daddend = v[3].data, .dweight = v[8].data, .dbias = v[9].data,
+        .accumulate = in->accumulate, .comm = cp, .reduce_param_grads = in->reduce, .mean_lo = v[10].data};
     bnorm_status s;
     Py_BEGIN_ALLOW_THREADS
-    s = bnorm_forward(&a);
+    s = bnorm_backward(&a);
     Py_END_ALLOW_THREADS
     if (s != BNORM_STATUS_OK) {
         raise_status(s, &pc);
@@ -516,49 +826,32 @@ static PyObject *py_backward(PyObject *self, PyObject *args, PyObject *kw)
     (void)self;
     static char *kwlist[] = {"x", "dy", "dx", "weight", "mean", "invstd", "var", "eps", "use_global_stats",
                              "relu_mask", "daddend", "dweight", "dbias", "accumulate", "comm",
-                             "reduce_param_grads", "mean_lo", NULL};
-    PyObject *ox, *ody, *odx = Py_None, *ow = Py_None, *omean = Py_None, *oinv = Py_None, *ovar = Py_None,
-             *omask = Py_None, *oda = Py_None, *odw = Py_None, *odb = Py_None, *ocomm = Py_None, *omlo = Py_None;
-    double eps = 0;
-    int global = 0, accumulate = 0, reduce = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|$OOOOOdpOOOOpOpO", kwlist, &ox, &ody, &odx, &ow, &omean, &oinv,
-                                     &ovar, &eps, &global, &omask, &oda, &odw, &odb, &accumulate, &ocomm, &reduce,
-                                     &omlo))
+                             "reduce_param_grads", "mean_lo", "saved", NULL};
+    bwd_in in = {.dx = Py_None, .weight = Py_None, .mean = Py_None, .invstd = Py_None, .var = Py_None,
+                 .relu_mask = Py_None, .daddend = Py_None, .dweight = Py_None, .dbias = Py_None, .comm = Py_None,
+                 .mean_lo = Py_None, .saved = Py_None};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|$OOOOOdpOOOOpOpOO", kwlist, &in.x, &in.dy, &in.dx, &in.weight,
+                                     &in.mean, &in.invstd, &in.var, &in.eps, &in.global, &in.relu_mask, &in.daddend,
+                                     &in.dweight, &in.dbias, &in.accumulate, &in.comm, &in.reduce, &in.mean_lo,
+                                     &in.saved))
         return NULL;
-    view v[NVIEWS];
-    memset(v, 0, sizeof v);
-    bnorm_desc d;
-    bnorm_comm comm;
-    pycomm pc;
-    const bnorm_comm *cp = NULL;
-    PyObject *ret = NULL;
-    if (data_view(ox, "x", 0, &v[0], &d, 1) || data_view(ody, "dy", 0, &v[1], &d, 0)) goto done;
-    if (odx != Py_None && data_view(odx, "dx", 1, &v[2], &d, 0)) goto done;
-    if (oda != Py_None && data_view(oda, "daddend", 1, &v[3], &d, 0)) goto done;
-    if (chan_view(ow, "weight", 0, &d, &v[4]) || chan_view(omean, "mean", 0, &d, &v[5]) ||
-        chan_view(oinv, "invstd", 0, &d, &v[6]) || chan_view(ovar, "var", 0, &d, &v[7]) ||
-        chan_view(odw, "dweight", 1, &d, &v[8]) || chan_view(odb, "dbias", 1, &d, &v[9]) ||
-        chan_view(omlo, "mean_lo", 0, &d, &v[10]))
-        goto done;
-    if (mask_view(omask, 0, &d, &v[11]) != 0 || comm_parse(ocomm, &comm, &pc, &cp) != 0) goto done;
-    bnorm_backward_args a = {
-        .desc = d, .x = v[0].data, .dy = v[1].data, .dx = v[2].data, .weight = v[4].data, .mean = v[5].data,
-        .invstd = v[6].data, .var = v[7].data, .eps = eps, .use_global_stats = global, .relu_mask = v[11].data,
-        .daddend = v[3].data, .dweight = v[8].data, .dbias = v[9].data, .accumulate = accumulate, .comm = cp,
-        .reduce_param_grads = reduce, .mean_lo = v[10].data};
-    bnorm_status s;
-    Py_BEGIN_ALLOW_THREADS
-    s = bnorm_backward(&a);
-    Py_END_ALLOW_THREADS
-    if (s != BNORM_STATUS_OK) {
-        raise_status(s, &pc);
-    } else {
-        ret = Py_NewRef(Py_None);
+    return run_backward(&in);
+}
+
+/* backward_fast(x, dy, dx, weight, saved, relu_mask, daddend, dweight, dbias, use_global_stats, eps, comm):
+ * backward with positional arguments only (bnorm.torch), the statistics packed as forward_fast saved them. */
+static PyObject *py_backward_fast(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (nargs != 12) {
+        PyErr_Format(PyExc_TypeError, "bnorm: backward_fast takes 12 arguments, got %zd", nargs);
+        return NULL;
     }
-    Py_CLEAR(pc.exc);
-done:
-    for (int i = 0; i < NVIEWS; i++) view_release(&v[i]);
-    return ret;
+    bwd_in in = {.x = args[0], .dy = args[1], .dx = args[2], .weight = args[3], .saved = args[4],
+                 .relu_mask = args[5], .daddend = args[6], .dweight = args[7], .dbias = args[8], .comm = args[11],
+                 .mean = Py_None, .invstd = Py_None, .var = Py_None, .mean_lo = Py_None};
+    if (fast_bool(args[9], &in.global) || fast_double(args[10], "eps", &in.eps)) return NULL;
+    return run_backward(&in);
 }
 
 static PyObject *py_relu_mask_size(PyObject *self, PyObject *ox)
@@ -580,6 +873,17 @@ static PyObject *py_layout(PyObject *self, PyObject *ox)
     if (data_view(ox, "x", 0, &v, &d, 1) != 0) return NULL;
     view_release(&v);
     return PyUnicode_FromString(d.layout == BNORM_LAYOUT_CHANNELS_LAST ? "channels_last" : "channels_first");
+}
+
+/* Whether bnorm reads t in place: contiguous channels-first or channels-last (any rank, any dtype). */
+static PyObject *py_is_dense(PyObject *self, PyObject *ot)
+{
+    (void)self;
+    view v;
+    if (view_get(ot, "x", 0, &v) != 0) return NULL;
+    int dense = view_is_layout(&v, BNORM_LAYOUT_CHANNELS_FIRST) || view_is_layout(&v, BNORM_LAYOUT_CHANNELS_LAST);
+    view_release(&v);
+    return PyBool_FromLong(dense);
 }
 
 /* --- state files through a temporary layer ----------------------------------------------------- */
@@ -787,6 +1091,18 @@ static PyMethodDef methods[] = {
      "backward(x, dy, *, dx=None, weight=None, mean=None, invstd=None, var=None, eps=0.0,\n"
      "         use_global_stats=False, relu_mask=None, daddend=None, dweight=None, dbias=None,\n"
      "         accumulate=False, comm=None, reduce_param_grads=False)\nbnorm_backward."},
+    {"register_torch", py_register_torch, METH_VARARGS,
+     "register_torch(Tensor, float32, float64, float16, bfloat16, int64): read torch tensors through their\n"
+     "attributes."},
+    {"is_dense", py_is_dense, METH_O, "Whether bnorm reads the tensor in place (channels-first or -last)."},
+    {"forward_fast", (PyCFunction)(void (*)(void))py_forward_fast, METH_FASTCALL,
+     "forward_fast(x, y, weight, bias, running_mean, running_var, save, addend, relu_mask, training,\n"
+     "             momentum, eps, relu, comm, num_batches_tracked): forward, positional (save: mean, invstd,\n"
+     "             mean_lo packed; momentum None: 1 / (num_batches_tracked + 1); a training call counts\n"
+     "             num_batches_tracked)."},
+    {"backward_fast", (PyCFunction)(void (*)(void))py_backward_fast, METH_FASTCALL,
+     "backward_fast(x, dy, dx, weight, saved, relu_mask, daddend, dweight, dbias, use_global_stats, eps,\n"
+     "              comm): backward, positional (saved as forward_fast's save, or mean, var)."},
     {"relu_mask_size", py_relu_mask_size, METH_O, "Bytes of the ReLU mask for a data tensor like x."},
     {"layout", py_layout, METH_O, "'channels_first' or 'channels_last': how bnorm reads x."},
     {"save_state", py_save, METH_VARARGS,
