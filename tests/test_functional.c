@@ -239,6 +239,13 @@ int main(void) {
             /* small planes, several channel blocks a thread: the run schedule's interleaved statistics */
             {BNORM_DTYPE_F32, 0, 4, {4, 70, 14, 14}, 1, 1, 1, 0, 1, 2, 4},
             {BNORM_DTYPE_BF16, 0, 4, {4, 70, 16, 16}, 1, 0, 0, 0, 1, 2, 2},
+            /* wide rows (C above the four-rows-a-pass threshold of kernel_impl.h's bn_rows_per_pass on a
+               48 KiB L1), thread ranges of 4k + 1..3 rows: the four-row sums and their tails */
+            {BNORM_DTYPE_F32, 1, 2, {15, 2049}, 1, 0, 0, 0, 1, 2, 4},
+            {BNORM_DTYPE_F32, 1, 4, {3, 1100, 3, 3}, 1, 0, 0, 0, 1, 1, 0},
+            {BNORM_DTYPE_BF16, 1, 3, {7, 1500, 1}, 1, 0, 0, 0, 1, 2, 2},
+            {BNORM_DTYPE_F16, 1, 2, {9, 700}, 0, 0, 0, 0, 1, 1, 0},
+            {BNORM_DTYPE_F64, 1, 2, {11, 1030}, 1, 0, 0, 1, 1, 2, 8},
         };
         for (size_t i = 0; i < sizeof fixed / sizeof fixed[0]; i++) run_case(&fixed[i]);
     }

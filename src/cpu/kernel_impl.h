@@ -472,22 +472,18 @@ static inline void bn_prefetch_bytes(const void *p, size_t bytes) {
 #ifndef BN_PF_SPREAD
 #define BN_PF_SPREAD 4096
 #endif
-/* Row-by-row walks keep two double accumulators per channel; when those of a whole row do not fit
- * half the L1 data cache (C > 1536 on a 48 KiB L1), the walk goes over a group of rows (half the L2)
- * one chunk of channels at a time (equal chunks), so the accumulators stay in L1. Returns the chunk
- * (C: no chunking). */
+/* The register-blocked backward sums need groups of at least this many rows (else the per-row walk). */
 #ifndef BN_RB_BWD_MINROWS
 #define BN_RB_BWD_MINROWS 16
 #endif
-static inline int64_t bn_row_chunk(int64_t C) {
-    const int64_t fit = (int64_t)(bn_tuning_get()->l1d_or_default / 2 / (2 * sizeof(double)));
-    if (C <= fit) return C;
-    const int64_t parts = (C + fit - 1) / fit, cw = (C + parts - 1) / parts;
-    return (cw + 15) / 16 * 16;
-}
-static inline int64_t bn_row_chunk_group(int64_t C, size_t row_bytes_per_channel) {
-    const int64_t g = (int64_t)(bn_tuning_get()->l2_budget / ((size_t)C * row_bytes_per_channel));
-    return g < 1 ? 1 : g;
+/* Row-by-row sums keep per-channel accumulators in memory: each row costs a load and a store of two
+ * doubles per channel. When the accumulators and coefficients of a row (acc_bytes per channel) take
+ * more than a quarter of the L1 data cache, the walk adds four rows per pass instead (the stores, which
+ * bound it, divided by four): on the EPYC float32 C = 1024 sums went from 26-27 to 53-55 GB/s and
+ * C = 2048 from 30-32 to 64-68 GB/s, while up to C = 512 one row per pass stays faster (52-74 against
+ * 31-51 GB/s). Returns 4 or 1. */
+static inline int bn_rows_per_pass(int64_t C, size_t acc_bytes) {
+    return (size_t)C * acc_bytes > bn_tuning_get()->l1d_or_default / 4 ? 4 : 1;
 }
 static inline int bn_pf_spread(int64_t row_bytes) { return BN_PF_SPREAD > 0 && row_bytes >= BN_PF_SPREAD; }
 static inline void bn_prefetch_part(const void *p, size_t bytes, int64_t part, int64_t parts) {
@@ -519,14 +515,23 @@ static void KN(rows_stats)(const void *xv, int64_t rows, int64_t C, const void *
     const KT *x = (const KT *)xv;
     const KA *k = (const KA *)kv;
     if (!BN_ROWS_REGBLOCK || (size_t)C * sizeof(KT) <= bn_tuning_get()->row_walk_max_bytes) { /* row by row */
-        const int64_t cw = bn_row_chunk(C), grp = cw < C ? bn_row_chunk_group(C, sizeof(KT)) : rows;
-        for (int64_t r0 = 0; r0 < rows; r0 += grp) {
-            const int64_t r1 = rows - r0 < grp ? rows : r0 + grp;
-            for (int64_t c0 = 0; c0 < C; c0 += cw) {
-                const int64_t c1 = C - c0 < cw ? C : c0 + cw;
-                for (int64_t r = r0; r < r1; r++) KN(row_stats_span)(x + r * C, c0, c1, k, s1, s2);
+        int64_t rq = 0;
+        if (bn_rows_per_pass(C, 2 * sizeof(double) + sizeof(KA)) == 4) { /* four rows a pass, no chunks */
+            for (; rq + 4 <= rows; rq += 4) {
+                const KT *x0 = x + rq * C, *x1 = x0 + C, *x2 = x1 + C, *x3 = x2 + C;
+#pragma omp simd
+                for (int64_t c = 0; c < C; c++) {
+                    const double kc = (double)k[c];
+                    const double d0 = (double)KLD(x0[c]) - kc, d1 = (double)KLD(x1[c]) - kc;
+                    const double d2 = (double)KLD(x2[c]) - kc, d3 = (double)KLD(x3[c]) - kc;
+                    s1[c] += (d0 + d1) + (d2 + d3);
+                    s2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+                }
             }
+            for (; rq < rows; rq++) KN(row_stats_span)(x + rq * C, 0, C, k, s1, s2);
+            return;
         }
+        for (int64_t r = 0; r < rows; r++) KN(row_stats_span)(x + r * C, 0, C, k, s1, s2);
         return;
     }
     const int64_t cfull = C - C % BN_RB, rg = bn_row_group(C, sizeof(KT));
@@ -671,8 +676,24 @@ static void KN(rows_bwd_reduce)(const void *xv, const void *dyv, const uint8_t *
         KN(rows_bwd_reduce_rb)(xv, dyv, rows, C, meanv, mlov, sg, sgx);
         return;
     }
-    const int64_t cw = mask ? C : bn_row_chunk(C), grp = cw < C ? bn_row_chunk_group(C, 2 * sizeof(KT)) : rows;
-    for (int64_t r = 0; r < rows; r++) {
+    int64_t r0 = 0;
+    if (!mask && bn_rows_per_pass(C, 2 * sizeof(double) + 2 * sizeof(KA)) == 4) { /* four rows a pass */
+        for (; r0 + 4 <= rows; r0 += 4) {
+            const KT *x0 = (const KT *)xv + r0 * C, *g0 = (const KT *)dyv + r0 * C;
+            const KT *x1 = x0 + C, *x2 = x1 + C, *x3 = x2 + C, *g1 = g0 + C, *g2 = g1 + C, *g3 = g2 + C;
+#pragma omp simd
+            for (int64_t c = 0; c < C; c++) {
+                const KA mh = mean[c], ml = mlo[c];
+                const double a0 = (double)KLD(g0[c]), a1 = (double)KLD(g1[c]);
+                const double a2 = (double)KLD(g2[c]), a3 = (double)KLD(g3[c]);
+                sg[c] += (a0 + a1) + (a2 + a3);
+                sgx[c] += (a0 * (double)(KLD(x0[c]) - mh - ml) + a1 * (double)(KLD(x1[c]) - mh - ml)) +
+                          (a2 * (double)(KLD(x2[c]) - mh - ml) + a3 * (double)(KLD(x3[c]) - mh - ml));
+            }
+        }
+        if (r0 == rows) return;
+    }
+    for (int64_t r = r0; r < rows; r++) {
         const KT *xr = (const KT *)xv + r * C, *gr = (const KT *)dyv + r * C;
         if (mask) {
             for (int64_t c0 = 0; c0 < C; c0 += BN_CHUNK) {
@@ -690,21 +711,6 @@ static void KN(rows_bwd_reduce)(const void *xv, const void *dyv, const uint8_t *
                     sxc[i] += g * (double)(KLD(xc[i]) - mc[i] - lc[i]);
                 }
             }
-        } else if (cw < C) { /* wide rows: chunks of channels over a group of rows (bn_row_chunk) */
-            const int64_t r1 = rows - r < grp ? rows : r + grp;
-            for (int64_t c0 = 0; c0 < C; c0 += cw) {
-                const int64_t c1 = C - c0 < cw ? C : c0 + cw;
-                for (int64_t q = r; q < r1; q++) {
-                    const KT *xq = (const KT *)xv + q * C, *gq = (const KT *)dyv + q * C;
-#pragma omp simd
-                    for (int64_t c = c0; c < c1; c++) {
-                        double g = (double)KLD(gq[c]);
-                        sg[c] += g;
-                        sgx[c] += g * (double)(KLD(xq[c]) - mean[c] - mlo[c]);
-                    }
-                }
-            }
-            r = r1 - 1;
         } else {
 #pragma omp simd
             for (int64_t c = 0; c < C; c++) {

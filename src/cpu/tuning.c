@@ -99,9 +99,12 @@ static void bn_tuning_detect(bn_tuning *t) {
        - row kernels: a group of rows is a third of the L1 data cache (16 KiB on both 48 KiB parts);
        - rows walk: register-blocked columns (a block of 16 channels down a group of rows) measured
          faster on the Xeon for narrow rows; on the EPYC (Zen 5) that walk reads one line per row at a
-         256-byte stride and ran the C = 64 backward sums at 7.9 ms against 5.4 ms row by row, so AMD
-         parts walk rows of up to 2 KiB row by row and keep the column blocks for wider rows (where a
-         group is a few long sequential streams). */
+         256-byte stride and ran the C = 64 backward sums at 7.9 ms against 5.4 ms row by row, and
+         with wide rows added four to a pass (kernel_impl.h, bn_rows_per_pass) the row walk is as
+         fast or faster at every width measured (float32 NHWC training forward, 2 threads: C = 1024
+         1.17-1.37 ms against 1.62-1.87 ms in blocks, C = 2048 0.50-0.52 against 0.52-0.57, C = 4096
+         level; bfloat16 C = 4096 0.59-0.61 against 1.17-1.18), so AMD parts walk every row width
+         row by row. */
     const size_t l1 = t->l1d ? t->l1d : (size_t)48 << 10, l2 = t->l2 ? t->l2 : (size_t)2 << 20;
     t->l1d_or_default = l1;
     t->l2_budget = l2 / 2;
@@ -115,7 +118,7 @@ static void bn_tuning_detect(bn_tuning *t) {
        the others level), its prefetchers following one ascending stream better than 64 KiB pieces
        walked backwards. */
     t->apply_back_to_front = t->vendor != BN_VENDOR_AMD;
-    t->row_walk_max_bytes = t->vendor == BN_VENDOR_AMD ? 2048 : 0;
+    t->row_walk_max_bytes = t->vendor == BN_VENDOR_AMD ? ~(size_t)0 >> 1 : 0;
     /* Streaming (non-temporal) stores of rows outputs from 1 MiB (docs/performance.md note 22, on
        the Xeon); the EPYC measured no worse streamed at 12-98 MiB and better on inference of L3-sized
        tensors (32x1024x14x14 NHWC: 1.15x of oneDNN streamed, 1.02-1.06x cached) */
@@ -135,15 +138,18 @@ static void bn_tuning_detect(bn_tuning *t) {
     if (st && !strcmp(st, "always")) t->stream_rows_min_bytes = 0;
     else if (st && !strcmp(st, "never")) t->stream_rows_min_bytes = ~(size_t)0 >> 1;
     const char *w = getenv("BNORM_ROWS_WALK");
-    if (w && !strcmp(w, "row")) t->row_walk_max_bytes = (size_t)1 << 40;
+    if (w && !strcmp(w, "row")) t->row_walk_max_bytes = ~(size_t)0 >> 1;
     else if (w && !strcmp(w, "block")) t->row_walk_max_bytes = 0;
     char l3[32] = "unknown";
     if (t->l3) snprintf(l3, sizeof l3, "%zuM", t->l3 >> 20);
+    char walk[32] = "0";
+    if (t->row_walk_max_bytes > ((size_t)1 << 40)) snprintf(walk, sizeof walk, "all");
+    else if (t->row_walk_max_bytes) snprintf(walk, sizeof walk, "%zuB", t->row_walk_max_bytes);
     snprintf(t->text, sizeof t->text, "%s,l1d=%zuK,l2=%zuK,l3=%s(%s),chanblock=%zuK,rowgroup=%zuK,rowwalk<=%s,rowstream>=%s,inferstream=%s,apply=%s",
              t->vendor == BN_VENDOR_INTEL ? "intel" : t->vendor == BN_VENDOR_AMD ? "amd" : "other", t->l1d >> 10,
              t->l2 >> 10, l3, t->source, t->l2_budget >> 10,
              t->row_group_bytes >> 10,
-             t->row_walk_max_bytes == 0 ? "0" : t->row_walk_max_bytes > ((size_t)1 << 30) ? "all" : "2048B",
+             walk,
              t->stream_rows_min_bytes > ((size_t)1 << 40) ? "never" : t->stream_rows_min_bytes ? "1M" : "0",
              t->stream_planes_inference ? "planes" : "no", t->apply_back_to_front ? "back" : "front");
 }
