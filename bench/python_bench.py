@@ -5,11 +5,13 @@ Times, in one process, interleaved call by call in rounds (order alternating per
   1. forward + backward (autograd, as a training step runs them) of bnorm.torch.BatchNorm2d vs
      torch.nn.BatchNorm2d on ResNet-50's nine BN shapes at N = 32, NCHW and NHWC (channels_last), and
      of BatchNorm1d on an MLP shape (4096, 1024), float32;
-  2. the per-call overhead: the same on a tiny tensor (8, 16), where the kernels cost nothing;
+  2. the per-call overhead: the same on a tiny tensor (8, 16), where the kernels cost nothing (set
+     "overhead": forward and backward apart, beside an empty autograd.Function, the floor of any
+     Function written in Python);
   3. the training step (forward, loss, backward, SGD) of a ResNet-style CNN, plain vs bnorm.torch.convert.
 Prints a Markdown table of medians (ms) and ratios torch/bnorm (> 1: bnorm faster).
 
-Usage: /usr/bin/python3 bench/python_bench.py [--rounds R] [--reps K] [--threads T] [--sets bn,tiny,cnn]
+Usage: /usr/bin/python3 bench/python_bench.py [--rounds R] [--reps K] [--threads T] [--sets bn,tiny,cnn,overhead]
        [--out-of-the-box]
 By default freed outputs are reused without page faults (glibc mallopt, as bench/torch_bench.py and
 docs/performance.md's kernel-vs-kernel method); --out-of-the-box keeps glibc's defaults.
@@ -124,12 +126,69 @@ def cnn_case(cl, rounds, reps):
     return time_pair(step(plain, o1), step(conv, o2), rounds, reps)
 
 
+class _Empty(torch.autograd.Function):
+    """The least a Python autograd.Function costs: forward allocates y, backward hands dy back."""
+
+    @staticmethod
+    def forward(ctx, x, w, b):
+        return torch.empty_like(x)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return dy, None, None
+
+
+def overhead_cases(rounds, reps):
+    """Per-call cost on an (8, 16) tensor, forward and backward apart: torch.nn.BatchNorm1d,
+    bnorm.torch.BatchNorm1d, and the empty autograd.Function (what any Python-level Function pays).
+    Medians (seconds) per case over rounds x reps calls; returns [(name, torch, bnorm, empty)]."""
+    x = torch.randn(8, 16, requires_grad=True)
+    dy = torch.randn(8, 16)
+    mt, mb = nn.BatchNorm1d(16), bt.BatchNorm1d(16)
+    empty = lambda t: _Empty.apply(t, mt.weight, mt.bias)  # noqa: E731
+
+    def fwd(m):
+        def run():
+            t0 = time.perf_counter()
+            m(x)
+            return time.perf_counter() - t0
+        return run
+
+    def bwd(m):
+        def run():
+            y = m(x)
+            t0 = time.perf_counter()
+            y.backward(dy)
+            return time.perf_counter() - t0
+        return run
+
+    def step(m):
+        def run():
+            t0 = time.perf_counter()
+            x.grad = None
+            m(x).backward(dy)
+            return time.perf_counter() - t0
+        return run
+
+    out = []
+    for name, mk in (("forward", fwd), ("backward", bwd), ("forward + backward", step)):
+        fs = [mk(mt), mk(mb), mk(empty)]
+        meds = [[], [], []]
+        for r in range(rounds):
+            for j in (range(3) if r % 2 == 0 else reversed(range(3))):
+                for _ in range(reps // 10):
+                    fs[j]()
+                meds[j].append(statistics.median(fs[j]() for _ in range(reps)))
+        out.append((name, *[statistics.median(m) for m in meds]))
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="0: torch's default")
-    ap.add_argument("--sets", default="bn,tiny,cnn")
+    ap.add_argument("--sets", default="bn,tiny,cnn", help="any of bn, tiny, cnn, overhead")
     ap.add_argument("--out-of-the-box", action="store_true")
     a = ap.parse_args()
     if not a.out_of_the_box:
@@ -162,6 +221,12 @@ def main():
     if "tiny" in sets:
         tt, tb = bn_case((8, 16), False, a.rounds, a.reps * 50)
         row("per-call overhead: BatchNorm1d fwd+bwd (8,16)", "-", tt, tb)
+    if "overhead" in sets:
+        print()
+        print("| (8,16) BatchNorm1d, per call | torch.nn us | bnorm.torch us | empty autograd.Function us |")
+        print("|---|---:|---:|---:|")
+        for name, tt, tb, te in overhead_cases(a.rounds, a.reps * 500):
+            print("| %s | %.1f | %.1f | %.1f |" % (name, tt * 1e6, tb * 1e6, te * 1e6), flush=True)
     if "cnn" in sets:
         for cl in (False, True):
             tt, tb = cnn_case(cl, a.rounds, a.reps)
