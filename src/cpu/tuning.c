@@ -119,10 +119,16 @@ static void bn_tuning_detect(bn_tuning *t) {
        walked backwards. */
     t->apply_back_to_front = t->vendor != BN_VENDOR_AMD;
     t->row_walk_max_bytes = t->vendor == BN_VENDOR_AMD ? ~(size_t)0 >> 1 : 0;
-    /* Streaming (non-temporal) stores of rows outputs from 1 MiB (docs/performance.md note 22, on
-       the Xeon); the EPYC measured no worse streamed at 12-98 MiB and better on inference of L3-sized
-       tensors (32x1024x14x14 NHWC: 1.15x of oneDNN streamed, 1.02-1.06x cached) */
-    t->stream_rows_min_bytes = (size_t)1 << 20;
+    /* Streaming (non-temporal) stores of rows outputs: from 1 MiB on Intel (docs/performance.md note 22,
+       the Xeon). On AMD from half the L3 (of the core's CCX), 16 MiB when the L3 is unknown (Zen 3-5
+       CCXs have 32 MiB): the EPYC VM, env A/B in one window, measured outputs of 3.2-12.8 MiB written
+       through the cache faster (NHWC inference 32x256x14x14 0.97-1.13 -> 1.26-1.47x of oneDNN,
+       32x512x7x7 0.79-0.97 -> 1.13-1.16x, 32x128x28x28 training forward 0.77-0.81 -> 0.98-1.08x),
+       12.8 MiB at C = 2048 level, and 25.7 MiB mixed (inference faster streamed, backward slower). */
+    if (t->vendor == BN_VENDOR_AMD)
+        t->stream_rows_min_bytes = t->l3 ? t->l3 / 2 : (size_t)16 << 20;
+    else
+        t->stream_rows_min_bytes = (size_t)1 << 20;
 
     t->stream_planes_min_bytes = (size_t)16 << 20;
     /* Inference on planes is one flat walk (x read once): on the EPYC its output written through the
@@ -142,6 +148,8 @@ static void bn_tuning_detect(bn_tuning *t) {
     else if (w && !strcmp(w, "block")) t->row_walk_max_bytes = 0;
     char l3[32] = "unknown";
     if (t->l3) snprintf(l3, sizeof l3, "%zuM", t->l3 >> 20);
+    char rs[32] = "never";
+    if (t->stream_rows_min_bytes <= ((size_t)1 << 40)) snprintf(rs, sizeof rs, "%zuK", t->stream_rows_min_bytes >> 10);
     char walk[32] = "0";
     if (t->row_walk_max_bytes > ((size_t)1 << 40)) snprintf(walk, sizeof walk, "all");
     else if (t->row_walk_max_bytes) snprintf(walk, sizeof walk, "%zuB", t->row_walk_max_bytes);
@@ -150,7 +158,7 @@ static void bn_tuning_detect(bn_tuning *t) {
              t->l2 >> 10, l3, t->source, t->l2_budget >> 10,
              t->row_group_bytes >> 10,
              walk,
-             t->stream_rows_min_bytes > ((size_t)1 << 40) ? "never" : t->stream_rows_min_bytes ? "1M" : "0",
+             rs,
              t->stream_planes_inference ? "planes" : "no", t->apply_back_to_front ? "back" : "front");
 }
 
