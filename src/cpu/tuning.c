@@ -121,12 +121,13 @@ static void bn_tuning_detect(bn_tuning *t) {
     t->row_walk_max_bytes = t->vendor == BN_VENDOR_AMD ? ~(size_t)0 >> 1 : 0;
     /* Streaming (non-temporal) stores of rows outputs: from 1 MiB on Intel (docs/performance.md note 22,
        the Xeon). On AMD from half the L3 (of the core's CCX), 16 MiB when the L3 is unknown (Zen 3-5
-       CCXs have 32 MiB): the EPYC VM, env A/B in one window, measured outputs of 3.2-12.8 MiB written
-       through the cache faster (NHWC inference 32x256x14x14 0.97-1.13 -> 1.26-1.47x of oneDNN,
+       CCXs have 32 MiB; strictly more than half, so that x and y no longer fit together): the EPYC VM,
+       env A/B in one window, measured outputs of 3.2-12.8 MiB written through the cache faster (NHWC inference 32x256x14x14 0.97-1.13 -> 1.26-1.47x of oneDNN,
        32x512x7x7 0.79-0.97 -> 1.13-1.16x, 32x128x28x28 training forward 0.77-0.81 -> 0.98-1.08x),
-       12.8 MiB at C = 2048 level, and 25.7 MiB mixed (inference faster streamed, backward slower). */
-    if (t->vendor == BN_VENDOR_AMD)
-        t->stream_rows_min_bytes = t->l3 ? t->l3 / 2 : (size_t)16 << 20;
+       12.8 MiB at C = 2048 level, 16 MiB (4096x1024) backward 0.75-0.82x streamed against 0.81-0.90x,
+       25.7 MiB level or mixed, 32 MiB (NWC 64x256x1024) faster streamed (1.03-1.46x against 0.92-1.24x). */
+    if (t->vendor == BN_VENDOR_AMD) /* more than half the L3: x and y no longer fit it together */
+        t->stream_rows_min_bytes = (t->l3 ? t->l3 : (size_t)32 << 20) / 2 + 1;
     else
         t->stream_rows_min_bytes = (size_t)1 << 20;
 
