@@ -24,7 +24,8 @@
 /* Outputs of at least this many bytes are written with streaming (non-temporal) stores: they do not
  * stay cached for the next layer anyway, and streaming saves the read-for-ownership of every output
  * line and keeps the input's cached slice from being evicted. Measured thresholds (docs/performance.md
- * note 22): rows (channels-last, (N,C)) gain from 1 MiB on, L3-sized NHWC tensors included; planes
+ * note 22): rows (channels-last, (N,C)) gain from 1 MiB on the Xeon, L3-sized NHWC tensors included
+ * (on AMD they stream only above half the L3: tuning.c); planes
  * (channels-first) of 1-16 MiB measured slower streamed than cached, so they keep 16 MiB.
  * BN_STREAM_MIN_BYTES overrides both (tests, comparisons). */
 #ifdef BN_STREAM_MIN_BYTES
