@@ -246,6 +246,7 @@ int main(void) {
             {BNORM_DTYPE_BF16, 1, 3, {7, 1500, 1}, 1, 0, 0, 0, 1, 2, 2},
             {BNORM_DTYPE_F16, 1, 2, {9, 700}, 0, 0, 0, 0, 1, 1, 0},
             {BNORM_DTYPE_F64, 1, 2, {11, 1030}, 1, 0, 0, 1, 1, 2, 8},
+            {BNORM_DTYPE_F32, 1, 2, {9, 1000}, 1, 0, 0, 0, 0, 2, 0}, /* eval: the backward apply without x */
         };
         for (size_t i = 0; i < sizeof fixed / sizeof fixed[0]; i++) run_case(&fixed[i]);
     }

@@ -479,9 +479,9 @@ static inline void bn_prefetch_bytes(const void *p, size_t bytes) {
 /* Row-by-row sums keep per-channel accumulators in memory: each row costs a load and a store of two
  * doubles per channel. When the accumulators and coefficients of a row (acc_bytes per channel) take
  * more than a quarter of the L1 data cache, the walk adds four rows per pass instead (the stores, which
- * bound it, divided by four): on the EPYC float32 C = 1024 sums went from 26-27 to 53-55 GB/s and
- * C = 2048 from 30-32 to 64-68 GB/s, while up to C = 512 one row per pass stays faster (52-74 against
- * 31-51 GB/s). Returns 4 or 1. */
+ * bound it, divided by four): on the EPYC, float32 backward sums in isolation at 2 threads, C = 1024
+ * went from 26-31 to 52-60 GB/s and C = 2048 from 30-34 to 64-79 GB/s, while up to C = 512 one row
+ * per pass stays faster (52-74 against 31-51 GB/s; docs/performance.md, tuning rule). Returns 4 or 1. */
 static inline int bn_rows_per_pass(int64_t C, size_t acc_bytes) {
     return (size_t)C * acc_bytes > bn_tuning_get()->l1d_or_default / 4 ? 4 : 1;
 }
