@@ -452,31 +452,9 @@ static int mask_view(PyObject *obj, int want_write, const bnorm_desc *desc, view
     return 0;
 }
 
-/* A per-channel array: 1-D, [C], contiguous, of the parameter dtype. obj may be None (data NULL). */
-static int chan_view(PyObject *obj, const char *name, int want_write, const bnorm_desc *desc, view *v)
-{
-    memset(v, 0, sizeof *v);
-    if (obj == NULL || obj == Py_None) return 0;
-    if (view_get(obj, name, want_write, v) != 0) return -1;
-    bnorm_dtype p = bnorm_param_dtype(desc->dtype);
-    if (v->ndim != 1 || v->shape[0] != desc->dims[1] || (v->shape[0] > 1 && v->strides[0] != 1)) {
-        PyErr_Format(PyExc_ValueError, "bnorm: %s must be a contiguous 1-D array of C = %lld values",
-                     name, (long long)desc->dims[1]);
-        goto fail;
-    }
-    if (v->dtype != (int)p) {
-        PyErr_Format(PyExc_TypeError, "bnorm: %s must be %s (the parameter dtype for %s data), got %s", name,
-                     bnorm_dtype_name(p), bnorm_dtype_name(desc->dtype), dtype_text(v));
-        goto fail;
-    }
-    return 0;
-fail:
-    view_release(v);
-    return -1;
-}
-
-/* Several per-channel arrays packed in one 1-D array of k * C values (bnorm.torch's saved statistics:
- * one allocation instead of k). obj may be None; on success ptrs[i] points at the i-th block of C. */
+/* k per-channel arrays packed in one 1-D, contiguous array of k * C values of the parameter dtype
+ * (k = 1: a per-channel array; bnorm.torch's saved statistics: one allocation instead of k). obj may
+ * be None (every pointer NULL); on success ptrs[i] points at the i-th block of C. */
 static int packed_view(PyObject *obj, const char *name, int want_write, const bnorm_desc *desc, int k, view *v,
                        void *ptrs[])
 {
@@ -487,8 +465,12 @@ static int packed_view(PyObject *obj, const char *name, int want_write, const bn
     bnorm_dtype p = bnorm_param_dtype(desc->dtype);
     int64_t c = desc->dims[1];
     if (v->ndim != 1 || v->shape[0] != k * c || (v->shape[0] > 1 && v->strides[0] != 1)) {
-        PyErr_Format(PyExc_ValueError, "bnorm: %s must be a contiguous 1-D array of %d x C = %lld values", name, k,
-                     (long long)(k * c));
+        if (k == 1)
+            PyErr_Format(PyExc_ValueError, "bnorm: %s must be a contiguous 1-D array of C = %lld values", name,
+                         (long long)c);
+        else
+            PyErr_Format(PyExc_ValueError, "bnorm: %s must be a contiguous 1-D array of %d x C = %lld values", name,
+                         k, (long long)(k * c));
         goto fail;
     }
     if (v->dtype != (int)p) {
@@ -501,6 +483,13 @@ static int packed_view(PyObject *obj, const char *name, int want_write, const bn
 fail:
     view_release(v);
     return -1;
+}
+
+/* A per-channel array: 1-D, [C], contiguous, of the parameter dtype. obj may be None (data NULL). */
+static int chan_view(PyObject *obj, const char *name, int want_write, const bnorm_desc *desc, view *v)
+{
+    void *ptr;
+    return packed_view(obj, name, want_write, desc, 1, v, &ptr);
 }
 
 /* --- errors ----------------------------------------------------------------------------------- */
@@ -648,11 +637,7 @@ static PyObject *run_forward(const fwd_in *in)
         goto done;
     void *saved[3];
     if (packed_view(in->save, "save", 1, &d, 3, &v[11], saved) != 0) goto done;
-    if (in->save != Py_None) {
-        if (in->save_mean != Py_None || in->save_invstd != Py_None || in->save_mean_lo != Py_None) {
-            PyErr_SetString(PyExc_TypeError, "bnorm: save replaces save_mean, save_invstd and save_mean_lo");
-            goto done;
-        }
+    if (in->save != Py_None) { /* forward_fast: save_mean, save_invstd and save_mean_lo are None */
         v[7].data = saved[0];
         v[8].data = saved[1];
         v[10].data = saved[2];
@@ -685,14 +670,14 @@ static PyObject *py_forward(PyObject *self, PyObject *args, PyObject *kw)
     (void)self;
     static char *kwlist[] = {"x", "y", "weight", "bias", "running_mean", "running_var", "save_mean",
                              "save_invstd", "addend", "relu_mask", "training", "momentum", "eps", "relu",
-                             "comm", "save_mean_lo", "save", NULL};
+                             "comm", "save_mean_lo", NULL};
     fwd_in in = {.weight = Py_None, .bias = Py_None, .running_mean = Py_None, .running_var = Py_None,
                  .save_mean = Py_None, .save_invstd = Py_None, .addend = Py_None, .relu_mask = Py_None,
                  .comm = Py_None, .save_mean_lo = Py_None, .save = Py_None, .momentum = 0.1, .eps = 1e-5};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|$OOOOOOOOpddpOOO", kwlist, &in.x, &in.y, &in.weight, &in.bias,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|$OOOOOOOOpddpOO", kwlist, &in.x, &in.y, &in.weight, &in.bias,
                                      &in.running_mean, &in.running_var, &in.save_mean, &in.save_invstd, &in.addend,
                                      &in.relu_mask, &in.training, &in.momentum, &in.eps, &in.relu, &in.comm,
-                                     &in.save_mean_lo, &in.save))
+                                     &in.save_mean_lo))
         return NULL;
     return run_forward(&in);
 }
@@ -787,11 +772,7 @@ static PyObject *run_backward(const bwd_in *in)
     /* saved: (mean, var) with use_global_stats, else (mean, invstd, mean_lo), packed as forward's save */
     void *saved[3];
     if (packed_view(in->saved, "saved", 0, &d, in->global ? 2 : 3, &v[12], saved) != 0) goto done;
-    if (in->saved != Py_None) {
-        if (in->mean != Py_None || in->invstd != Py_None || in->var != Py_None || in->mean_lo != Py_None) {
-            PyErr_SetString(PyExc_TypeError, "bnorm: saved replaces mean, invstd, var and mean_lo");
-            goto done;
-        }
+    if (in->saved != Py_None) { /* backward_fast: mean, invstd, var and mean_lo are None */
         v[5].data = saved[0];
         if (in->global) {
             v[7].data = saved[1];
@@ -826,14 +807,13 @@ static PyObject *py_backward(PyObject *self, PyObject *args, PyObject *kw)
     (void)self;
     static char *kwlist[] = {"x", "dy", "dx", "weight", "mean", "invstd", "var", "eps", "use_global_stats",
                              "relu_mask", "daddend", "dweight", "dbias", "accumulate", "comm",
-                             "reduce_param_grads", "mean_lo", "saved", NULL};
+                             "reduce_param_grads", "mean_lo", NULL};
     bwd_in in = {.dx = Py_None, .weight = Py_None, .mean = Py_None, .invstd = Py_None, .var = Py_None,
                  .relu_mask = Py_None, .daddend = Py_None, .dweight = Py_None, .dbias = Py_None, .comm = Py_None,
                  .mean_lo = Py_None, .saved = Py_None};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|$OOOOOdpOOOOpOpOO", kwlist, &in.x, &in.dy, &in.dx, &in.weight,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|$OOOOOdpOOOOpOpO", kwlist, &in.x, &in.dy, &in.dx, &in.weight,
                                      &in.mean, &in.invstd, &in.var, &in.eps, &in.global, &in.relu_mask, &in.daddend,
-                                     &in.dweight, &in.dbias, &in.accumulate, &in.comm, &in.reduce, &in.mean_lo,
-                                     &in.saved))
+                                     &in.dweight, &in.dbias, &in.accumulate, &in.comm, &in.reduce, &in.mean_lo))
         return NULL;
     return run_backward(&in);
 }

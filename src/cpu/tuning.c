@@ -151,14 +151,11 @@ static void bn_tuning_detect(bn_tuning *t) {
     if (t->l3) snprintf(l3, sizeof l3, "%zuM", t->l3 >> 20);
     char rs[32] = "never";
     if (t->stream_rows_min_bytes <= ((size_t)1 << 40)) snprintf(rs, sizeof rs, "%zuK", t->stream_rows_min_bytes >> 10);
-    char walk[32] = "0";
-    if (t->row_walk_max_bytes > ((size_t)1 << 40)) snprintf(walk, sizeof walk, "all");
-    else if (t->row_walk_max_bytes) snprintf(walk, sizeof walk, "%zuB", t->row_walk_max_bytes);
     snprintf(t->text, sizeof t->text, "%s,l1d=%zuK,l2=%zuK,l3=%s(%s),chanblock=%zuK,rowgroup=%zuK,rowwalk<=%s,rowstream>=%s,inferstream=%s,apply=%s",
              t->vendor == BN_VENDOR_INTEL ? "intel" : t->vendor == BN_VENDOR_AMD ? "amd" : "other", t->l1d >> 10,
              t->l2 >> 10, l3, t->source, t->l2_budget >> 10,
              t->row_group_bytes >> 10,
-             walk,
+             t->row_walk_max_bytes ? "all" : "0",
              rs,
              t->stream_planes_inference ? "planes" : "no", t->apply_back_to_front ? "back" : "front");
 }
