@@ -15,6 +15,7 @@
 #include "kernels.h"
 #include "simd.h"
 
+#include <assert.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -59,6 +60,9 @@ static int bn_small_planes(const bn_geom *g, bnorm_dtype dt) {
     return g->planes && dt != BNORM_DTYPE_F64 && (size_t)g->inner * g->esize < BN_SMALL_PLANE && g->inner <= BN_RUN;
 }
 
+/* The workspace arena's alignment slack (bn_take below): 8 doubles for each of at most 24 pieces. */
+enum { BN_WS_ALIGN_DOUBLES = 8, BN_WS_TAKES = 24 };
+
 /* Workspace in doubles: per thread 7C (+ the run scratch for small planes), shared 14C, communicator
  * (size + 1) * (HDR + 1 + 2C). Sizes were checked for overflow at plan time (bn_check_channel_sizes). */
 static void bn_ws_layout(bnorm_plan *p) {
@@ -67,18 +71,28 @@ static void bn_ws_layout(bnorm_plan *p) {
     const bnorm_dtype dt = p->op == BN_OP_FORWARD ? p->fa.desc.dtype : p->ba.desc.dtype;
     const int run = bn_small_planes(&p->g, dt);
     p->ws_per_thread = 7 * C + (run ? (size_t)BN_RUN_SCRATCH : 0);
-    p->ws_fixed = 17 * C + (size_t)(cs + 1) * (BN_COMM_HDR + 1 + 3 * C) + 16 + (run ? 8 : 0);
+    p->ws_fixed = 17 * C + (size_t)(cs + 1) * (BN_COMM_HDR + 1 + 3 * C) + 16 + (run ? 8 : 0) +
+                  BN_WS_TAKES * BN_WS_ALIGN_DOUBLES;
 }
 
-/* A bump allocator over the execution's workspace. */
+/* A bump allocator over the execution's workspace. Every piece starts on a 64-byte line whatever the
+ * workspace's own alignment (malloc gives 16 bytes, a caller's may be 8): per-channel coefficient and
+ * accumulator arrays that straddle lines cost a second cache access per vector load or store, which on
+ * the EPYC halved the speed of the wide-row inference apply out of cache (C = 2048: 1580 against 670 us
+ * at one thread, tests in docs/performance.md). The slack for this, BN_WS_ALIGN_DOUBLES per piece for
+ * at most BN_WS_TAKES pieces, is part of ws_fixed. */
 typedef struct bn_arena {
     double *base;
-    size_t used;
+    size_t used, takes;
 } bn_arena;
 
 static double *bn_take(bn_arena *a, size_t n) {
+    const uintptr_t at = (uintptr_t)(a->base + a->used);
+    a->used += (size_t)((-at & 63) / sizeof(double)); /* the workspace is 8-byte aligned (bn_ws_check) */
     double *p = a->base + a->used;
     a->used += n;
+    a->takes++;
+    assert(a->takes <= BN_WS_TAKES);
     return p;
 }
 
@@ -919,7 +933,7 @@ bnorm_status bn_cpu_forward(const bnorm_plan *p, const bnorm_forward_args *a, do
     const int64_t C = g->C;
     const int nt = p->ex.nt;
     const bnorm_comm *comm = p->comm;
-    bn_arena ar = {ws, 0};
+    bn_arena ar = {ws, 0, 0};
 
     switch (p->sched) {
     case BN_SCHED_EMPTY: return BNORM_STATUS_OK; /* empty batch: nothing to compute or update */
@@ -1567,7 +1581,7 @@ bnorm_status bn_cpu_backward(const bnorm_plan *p, const bnorm_backward_args *a, 
     const int nt = p->ex.nt;
     const bnorm_comm *comm = p->comm;
     const int need_sums = !a->use_global_stats || a->dweight || a->dbias || comm;
-    bn_arena ar = {ws, 0};
+    bn_arena ar = {ws, 0, 0};
     /* float64 training backward: the saved mean is one double; its residual makes the backward as
        accurate as a double-double mean (docs/design.md) */
     double *sd = bn_take(&ar, C), *delta = bn_take(&ar, C);

@@ -668,7 +668,7 @@ static void KN(rows_apply)(const void *xv, void *yv, const void *addv, uint8_t *
         const KT *ar = addv ? (const KT *)addv + r * C : NULL;
         KT *yr = (KT *)yv + r * C;
         for (int64_t c0 = 0, len; c0 < C; c0 += len) {
-            len = bn_chunk_len(yr + c0, sizeof(KT), C - c0, stream && !mask);
+            len = stream || mask ? bn_chunk_len(yr + c0, sizeof(KT), C - c0, stream && !mask) : C - c0;
             const KT *xc = xr + c0, *ac = ar ? ar + c0 : NULL;
             const KA *mc = mean + c0, *lc = mlo + c0, *sc = scale + c0, *bc = shift + c0;
             KT *out = stream ? stage : yr + c0;
