@@ -11,6 +11,7 @@
  * with OMP_NUM_THREADS=N); "verbose" = one forward for the BNORM_VERBOSE check; "race" = only the
  * thread-count race (the ThreadSanitizer stage).
  */
+#define _POSIX_C_SOURCE 200112L /* posix_memalign */
 #include "harness.h"
 #include "ref.h"
 
@@ -133,7 +134,10 @@ static void fb_in_free(fb_in *in) {
     free(in->w), free(in->b);
 }
 
-/* mode: 0 functional calls, 1 plans */
+/* mode: 0 functional calls, 1 plans, 2 functional calls with a caller workspace of exactly
+ * bnorm_workspace_size bytes that starts ws_off bytes past a 64-byte line and ends where its allocation
+ * ends (the library aligns its pieces inside it: ASan sees any byte used past the end) */
+static size_t ws_off = 8;
 static bnorm_status fb_run(const fb_case *k, const fb_in *in, int nt, const bnorm_threadpool *pool, int mode,
                            fb_out *o) {
     const bnorm_desc *d = &k->d;
@@ -175,6 +179,18 @@ static bnorm_status fb_run(const fb_case *k, const fb_in *in, int nt, const bnor
     if (mode == 0) {
         st = bnorm_forward(&fa);
         if (!st) st = bnorm_backward(&ba);
+    } else if (mode == 2) {
+        const int nt0 = bnorm_get_num_threads();
+        bnorm_set_num_threads(nt);
+        const size_t wsz = bnorm_workspace_size(d, 1);
+        bnorm_set_num_threads(nt0);
+        void *blk = NULL;
+        if (posix_memalign(&blk, 64, ws_off + wsz)) abort();
+        fa.workspace = ba.workspace = (char *)blk + ws_off;
+        fa.workspace_size = ba.workspace_size = wsz;
+        st = bnorm_forward(&fa);
+        if (!st) st = bnorm_backward(&ba);
+        free(blk);
     } else {
         bnorm_plan *pf = NULL, *pb = NULL;
         st = bnorm_plan_create_forward(&fa, &pf);
@@ -235,7 +251,14 @@ static void test_plans_and_pools(void) {
                             CHECK(fb_same(&f, &r, n, es), "pthread pool plan != OpenMP: shape %d %s layout %d train %d relu %d nt %d",
                                   s, bnorm_dtype_name(k.d.dtype), layout, training, relu, nt);
                             if (nt > 1 && n > 0) CHECK(pool_calls > 0, "the pool was never called (nt %d)", nt);
-                            fb_free(&f), fb_free(&p), fb_free(&q), fb_free(&r);
+                            fb_free(&p), fb_free(&q), fb_free(&r);
+                            for (ws_off = 8; ws_off < 64; ws_off += 24) { /* 8, 32, 56 bytes past a line */
+                                CHECK_STATUS(fb_run(&k, &in, nt, NULL, 2, &p), BNORM_STATUS_OK);
+                                CHECK(fb_same(&f, &p, n, es), "caller workspace %zu bytes past a line != own: shape %d %s layout %d train %d relu %d nt %d",
+                                      ws_off, s, bnorm_dtype_name(k.d.dtype), layout, training, relu, nt);
+                                fb_free(&p);
+                            }
+                            fb_free(&f);
                         }
                         fb_in_free(&in);
                     }
