@@ -5,7 +5,7 @@
  *
  *   bnorm_bench [--quick | --full] [--threads 1,2] [--dtypes f32,bf16,f16] [--layouts cf,cl]
  *               [--sets resnet,bn1d,large] [--shape N,C[,d...]]... [--reps R] [--no-dnnl] [--no-torch]
- *               [--out PREFIX] [--offset BYTES]
+ *               [--out PREFIX] [--offset BYTES] [--ws-offset BYTES]
  *
  * Minimum traffic (bytes that must cross the memory bus): forward training and inference read x and
  * write y; backward reads x and dy and writes dx; the fused forward also reads the addend and writes
@@ -245,12 +245,14 @@ static double min_bytes(int op, int64_t n, size_t es) {
 static size_t g_offset = 0;
 static void *talloc(size_t bytes) { return (char *)xalloc(bytes + 64) + g_offset; }
 static void tfree(void *p) { free((char *)p - g_offset); }
+/* The caller workspace starts g_ws_offset bytes past a 4 KiB page (--ws-offset; default 0). */
+static size_t g_ws_offset = 0;
 
 /* Buffers of one (shape, dtype): allocated once, reused by every op and thread count. */
 typedef struct bufs {
     void *x, *y, *dy, *dx, *add, *dadd, *mask;
     float *w, *b, *rm, *rv, *sm, *si, *dw, *db, *var;
-    void *ws;
+    void *ws, *ws_base;
     size_t ws_size;
 } bufs;
 
@@ -301,13 +303,14 @@ static void bufs_alloc(bufs *B, const bnorm_desc *d, int maxthreads) {
     }
     bnorm_set_num_threads(maxthreads);
     B->ws_size = bnorm_workspace_size(d, 1);
-    B->ws = xalloc(B->ws_size);
+    B->ws_base = xalloc(B->ws_size + 4096 + g_ws_offset);
+    B->ws = (char *)B->ws_base + ((4096 - (uintptr_t)B->ws_base % 4096) % 4096) + g_ws_offset;
 }
 
 static void bufs_free(bufs *B) {
     void *t[] = {B->x, B->y, B->dy, B->dx, B->add, B->dadd};
     for (size_t i = 0; i < sizeof t / sizeof *t; i++) tfree(t[i]);
-    void *p[] = {B->mask, B->w, B->b, B->rm, B->rv, B->sm, B->si, B->dw, B->db, B->var, B->ws};
+    void *p[] = {B->mask, B->w, B->b, B->rm, B->rv, B->sm, B->si, B->dw, B->db, B->var, B->ws_base};
     for (size_t i = 0; i < sizeof p / sizeof *p; i++) free(p[i]);
 }
 
@@ -446,7 +449,7 @@ static void usage(void) {
             "usage: bnorm_bench [--quick|--full] [--threads 1,2] [--dtypes f32,bf16,f16] [--layouts cf,cl]\n"
             "                   [--sets resnet,bn1d,large] [--shape N,C[,d...]]... [--reps R] [--rounds K]\n"
             "                   [--ops fwd_train,fwd_infer,bwd_train,bwd_eval,fused_fwd,fused_bwd]\n"
-            "                   [--no-dnnl] [--no-torch] [--torch-script PATH] [--out PREFIX] [--offset BYTES]\n"
+            "                   [--no-dnnl] [--no-torch] [--torch-script PATH] [--out PREFIX] [--offset BYTES] [--ws-offset BYTES]\n"
             "       bnorm_bench --latency [--reps R] [--no-dnnl]   per-call overhead on tiny tensors, 1 thread\n");
 }
 
@@ -515,6 +518,11 @@ static int parse_opts(int argc, char **argv, opts *o) {
             int b = atoi(v);
             if (b < 0 || b >= 64 || b % 4) { fprintf(stderr, "--offset %s: need 0, 4, ..., 60\n", v); return 0; }
             g_offset = (size_t)b; i++;
+        }
+        else if (!strcmp(a, "--ws-offset")) {
+            long b = atol(v);
+            if (b < 0 || b >= 4096 || b % 8) { fprintf(stderr, "--ws-offset %s: need 0, 8, ..., 4088\n", v); return 0; }
+            g_ws_offset = (size_t)b; i++;
         }
         else if (!strcmp(a, "--torch-script")) { o->torch_script = v; i++; }
         else if (!strcmp(a, "--shape")) {

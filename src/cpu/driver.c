@@ -98,16 +98,24 @@ static double *bn_take(bn_arena *a, size_t n) {
 }
 
 /* A per-channel coefficient array of the rows apply kernels, number j of those read beside the output
- * out: placed 64 (j + 1) bytes ahead of out's offset in a 4 KiB page. The kernels load coefficients
- * c..c+15 right after storing the outputs of the previous channels; a load whose address agrees in its
- * low 12 bits with a pending store must wait for it (4K aliasing), and with C a multiple of 1024 float32
- * every row keeps the same offsets. Placed just ahead, the arrays only meet stores that come later in
- * program order. On the EPYC, 32x2048x7x7 NHWC inference with a workspace at one page offset took
- * 1.39 ms against 0.91 ms at another (one thread); docs/performance.md. */
-static double *bn_take_ahead(bn_arena *a, size_t n, const void *out, int j) {
-    const uintptr_t at = (uintptr_t)(a->base + a->used);
-    const uintptr_t want = ((uintptr_t)out + 64u * (uintptr_t)(j + 1)) & (uintptr_t)(BN_PAGE - 64);
-    a->used += (size_t)(((want - at) & (uintptr_t)(BN_PAGE - 1)) / sizeof(double)); /* both 8-byte aligned */
+ * out (NULL: none, a plain bn_take).
+ * Written through the cache: placed 64 (j + 1) bytes ahead of out's offset in a 4 KiB page, on a line.
+ * The kernels load coefficients c..c+15 right after storing the outputs of the previous channels; a
+ * load whose address agrees in its low 12 bits with a pending store waits for it (4K aliasing), and
+ * with C a multiple of 1024 float32 every row keeps the same offsets. Placed just ahead, the arrays only
+ * meet stores that come later in program order.
+ * Streamed (stream): the output goes through an aligned staging buffer in chunks that start on the
+ * output's 64-byte lines (bn_chunk_len), so the array takes out's offset within a line instead: its
+ * vectors then start on lines too. (Aligned arrays with an output 16 bytes past a line read every
+ * coefficient vector across two lines: NHWC 32x1024x14x14 inference 6-9% slower.)
+ * On the EPYC, bench/ab.c in one process against the session-start library: docs/performance.md. */
+static double *bn_take_ahead(bn_arena *a, size_t n, const void *out, int j, int stream) {
+    if (!out) return bn_take(a, n);
+    const uintptr_t at = (uintptr_t)(a->base + a->used), o = (uintptr_t)out;
+    const uintptr_t skip = stream ? ((o & 56u) - at) & 63u /* both 8-byte aligned */
+                                  : (((o + 64u * (uintptr_t)(j + 1)) & (uintptr_t)(BN_PAGE - 64)) - at) &
+                                        (uintptr_t)(BN_PAGE - 1);
+    a->used += (size_t)(skip / sizeof(double));
     double *p = a->base + a->used;
     a->used += n;
     a->ahead++;
@@ -961,8 +969,8 @@ bnorm_status bn_cpu_forward(const bnorm_plan *p, const bnorm_forward_args *a, do
     case BN_SCHED_INFER_RUN:
     case BN_SCHED_INFER_FLAT: { /* inference: coefficients from the running statistics */
         double *mean = bn_take(&ar, C), *scale = bn_take(&ar, C), *shift = bn_take(&ar, C);
-        double *km = bn_take_ahead(&ar, C, a->y, 0), *kml = bn_take_ahead(&ar, C, a->y, 1);
-        double *ks = bn_take_ahead(&ar, C, a->y, 2), *kb = bn_take_ahead(&ar, C, a->y, 3);
+        double *km = bn_take_ahead(&ar, C, a->y, 0, f.stream), *kml = bn_take_ahead(&ar, C, a->y, 1, f.stream);
+        double *ks = bn_take_ahead(&ar, C, a->y, 2, f.stream), *kb = bn_take_ahead(&ar, C, a->y, 3, f.stream);
         for (int64_t c = 0; c < C; c++) {
             mean[c] = bn_param_get(a->running_mean, f.pd, c);
             double w = a->weight ? bn_param_get(a->weight, f.pd, c) : 1.0;
@@ -986,8 +994,8 @@ bnorm_status bn_cpu_forward(const bnorm_plan *p, const bnorm_forward_args *a, do
     double *part = bn_take(&ar, (size_t)nt * 7 * C);
     double *gn = bn_take(&ar, C), *gmean = bn_take(&ar, C), *gm2 = bn_take(&ar, C);
     double *scale = bn_take(&ar, C), *shift = bn_take(&ar, C);
-    double *km = bn_take_ahead(&ar, C, a->y, 0), *kml = bn_take_ahead(&ar, C, a->y, 1);
-    double *ks = bn_take_ahead(&ar, C, a->y, 2), *kb = bn_take_ahead(&ar, C, a->y, 3);
+    double *km = bn_take_ahead(&ar, C, a->y, 0, f.stream), *kml = bn_take_ahead(&ar, C, a->y, 1, f.stream);
+    double *ks = bn_take_ahead(&ar, C, a->y, 2, f.stream), *kb = bn_take_ahead(&ar, C, a->y, 3, f.stream);
     if (g->m > 0) {
         bn_fwd_partials(&f, nt, part, gn, gmean, gm2);
     } else {
@@ -1631,9 +1639,9 @@ bnorm_status bn_cpu_backward(const bnorm_plan *p, const bnorm_backward_args *a, 
     double *sg = bn_take(&ar, C), *sgx = bn_take(&ar, C), *mean = bn_take(&ar, C), *inv = bn_take(&ar, C);
     double *k1 = bn_take(&ar, C), *k2 = bn_take(&ar, C), *k3 = bn_take(&ar, C);
     const void *out = a->dx ? a->dx : a->daddend;
-    double *km = bn_take_ahead(&ar, C, out, 0), *kml = bn_take_ahead(&ar, C, out, 1);
-    double *ka1 = bn_take_ahead(&ar, C, out, 2), *ka2 = bn_take_ahead(&ar, C, out, 3);
-    double *ka3 = bn_take_ahead(&ar, C, out, 4);
+    double *km = bn_take_ahead(&ar, C, out, 0, b.stream), *kml = bn_take_ahead(&ar, C, out, 1, b.stream);
+    double *ka1 = bn_take_ahead(&ar, C, out, 2, b.stream), *ka2 = bn_take_ahead(&ar, C, out, 3, b.stream);
+    double *ka3 = bn_take_ahead(&ar, C, out, 4, b.stream);
     for (int64_t c = 0; c < C; c++) {
         mean[c] = bn_bwd_mean(&b, c);
         inv[c] = bn_bwd_invstd(&b, c);
