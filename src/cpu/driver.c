@@ -79,8 +79,8 @@ static void bn_ws_layout(bnorm_plan *p) {
 /* A bump allocator over the execution's workspace. Every piece starts on a 64-byte line whatever the
  * workspace's own alignment (malloc gives 16 bytes, a caller's may be 8): per-channel coefficient and
  * accumulator arrays that straddle lines cost a second cache access per vector load or store, which on
- * the EPYC halved the speed of the wide-row inference apply out of cache (C = 2048: 1580 against 670 us
- * at one thread, tests in docs/performance.md). The slack for this, BN_WS_ALIGN_DOUBLES per piece for
+ * the EPYC about halved the speed of a wide-row inference apply loop out of cache (C = 2048, one thread:
+ * 1.54-1.65 against 0.67-0.87 ms; docs/performance.md, "Session 8"). The slack for this, BN_WS_ALIGN_DOUBLES per piece for
  * at most BN_WS_TAKES pieces, is part of ws_fixed. */
 typedef struct bn_arena {
     double *base;
@@ -106,8 +106,9 @@ static double *bn_take(bn_arena *a, size_t n) {
  * meet stores that come later in program order.
  * Streamed (stream): the output goes through an aligned staging buffer in chunks that start on the
  * output's 64-byte lines (bn_chunk_len), so the array takes out's offset within a line instead: its
- * vectors then start on lines too. (Aligned arrays with an output 16 bytes past a line read every
- * coefficient vector across two lines: NHWC 32x1024x14x14 inference 6-9% slower.)
+ * vectors then start on lines too. (With the page rule, arrays on lines, streamed NHWC 32x1024x14x14
+ * inference was 6-15% slower: with an output 16 bytes past a line, chunks that start on the output's
+ * lines read every coefficient vector across two lines.)
  * On the EPYC, bench/ab.c in one process against the session-start library: docs/performance.md. */
 static double *bn_take_ahead(bn_arena *a, size_t n, const void *out, int j, int stream) {
     if (!out) return bn_take(a, n);
