@@ -87,14 +87,18 @@ typedef struct bn_arena {
     size_t used, takes, ahead;
 } bn_arena;
 
-static double *bn_take(bn_arena *a, size_t n) {
-    const uintptr_t at = (uintptr_t)(a->base + a->used);
-    a->used += (size_t)((-at & 63) / sizeof(double)); /* the workspace is 8-byte aligned (bn_ws_check) */
+/* n doubles after skipping `skip` bytes (a multiple of 8: the workspace is 8-byte aligned, bn_ws_check). */
+static double *bn_take_skip(bn_arena *a, uintptr_t skip, size_t n) {
+    a->used += (size_t)(skip / sizeof(double));
     double *p = a->base + a->used;
     a->used += n;
+    return p;
+}
+
+static double *bn_take(bn_arena *a, size_t n) {
     a->takes++;
     assert(a->takes <= BN_WS_TAKES);
-    return p;
+    return bn_take_skip(a, -(uintptr_t)(a->base + a->used) & 63u, n);
 }
 
 /* A per-channel coefficient array of the rows apply kernels, number j of those read beside the output
@@ -116,12 +120,9 @@ static double *bn_take_ahead(bn_arena *a, size_t n, const void *out, int j, int 
     const uintptr_t skip = stream ? ((o & 56u) - at) & 63u /* both 8-byte aligned */
                                   : (((o + 64u * (uintptr_t)(j + 1)) & (uintptr_t)(BN_PAGE - 64)) - at) &
                                         (uintptr_t)(BN_PAGE - 1);
-    a->used += (size_t)(skip / sizeof(double));
-    double *p = a->base + a->used;
-    a->used += n;
     a->ahead++;
     assert(a->ahead <= BN_WS_AHEAD);
-    return p;
+    return bn_take_skip(a, skip, n);
 }
 
 /* Contiguous range [lo, hi) of `total` items for logical thread t of nt: floor(total * t / nt),
