@@ -7,7 +7,7 @@
 #include "harness.h"
 #include "ref.h"
 
-static const int64_t th_channels[] = {1, 2, 3, 15, 16, 17, 64, 1000};
+static const int64_t th_channels[] = {1, 2, 3, 15, 16, 17, 32, 64, 1000};
 
 /* Tolerance per dtype, stated once: about one unit in the last place of the output type. */
 static double tol_of(bnorm_dtype dt) {
@@ -212,7 +212,7 @@ static void random_case(tcase *t, bnorm_dtype dt) {
     t->dtype = dt;
     t->layout = (int)th_randint(0, 1);
     t->rank = (int)th_randint(2, 5);
-    t->dims[1] = th_channels[th_randint(0, 7)];
+    t->dims[1] = th_channels[th_randint(0, (int64_t)(sizeof th_channels / sizeof th_channels[0]) - 1)];
     int64_t budget = 60000 / t->dims[1];
     t->dims[0] = th_randint(1, 9);
     for (int i = 2; i < t->rank; i++) t->dims[i] = th_randint(1, t->rank == 3 ? 40 : 9);
@@ -275,6 +275,14 @@ int main(void) {
             {BNORM_DTYPE_F16, 1, 2, {9, 700}, 0, 0, 0, 0, 1, 1, 0},
             {BNORM_DTYPE_F64, 1, 2, {11, 1030}, 1, 0, 0, 1, 1, 2, 8},
             {BNORM_DTYPE_F32, 1, 2, {9, 1000}, 1, 0, 0, 0, 0, 2, 0}, /* eval: the backward apply without x */
+            /* rows of 16, 32 and 64 channels: the register-resident sums (bn_narrow_regs), threads'
+               ranges of odd lengths, with and without the mask of the fused ReLU */
+            {BNORM_DTYPE_F32, 1, 4, {7, 64, 5, 3}, 1, 0, 0, 0, 1, 2, 4},
+            {BNORM_DTYPE_F32, 1, 4, {5, 64, 3, 7}, 1, 1, 1, 0, 1, 3, 0},
+            {BNORM_DTYPE_F64, 1, 3, {9, 64, 5}, 1, 0, 0, 0, 1, 2, 8},
+            {BNORM_DTYPE_BF16, 1, 2, {301, 32}, 1, 0, 0, 0, 1, 2, 2},
+            {BNORM_DTYPE_F16, 1, 5, {3, 16, 5, 3, 7}, 0, 0, 0, 1, 1, 4, 2},
+            {BNORM_DTYPE_F32, 1, 2, {1001, 16}, 1, 0, 0, 0, 1, 1, 0},
         };
         for (size_t i = 0; i < sizeof fixed / sizeof fixed[0]; i++) run_case(&fixed[i]);
     }
