@@ -5,6 +5,7 @@ bnorm_add_test(test_gradcheck test_gradcheck.c)
 bnorm_add_test(test_layer test_layer.c)
 bnorm_add_test(test_errors test_errors.c)
 bnorm_add_test(test_convert test_convert.c)
+bnorm_add_test(test_kernels test_kernels.c)
 
 # The public header must be strict C99: this program includes only bnorm/bnorm.h, is compiled with
 # -std=c99 -pedantic and every warning an error, and links the shared library (exported symbols).

@@ -516,14 +516,34 @@ static inline void bn_prefetch_part(const void *p, size_t bytes, int64_t part, i
 #endif
 #if defined(__GNUC__)
 #define BN_NOINLINE __attribute__((noinline)) /* a function of its own: its registers are its own */
+#define BN_KALIGN __attribute__((aligned(64)))
 #else
 #define BN_NOINLINE
+#define BN_KALIGN
 #endif
 static inline int bn_narrow_regs(int64_t C) {
     return BN_ROWS_REGBLOCK && (C == 16 || C == 32 || C == 64) && C <= BN_NARROW_MAX;
 }
 #endif
 
+/* float32 on AVX-512, streamed: rows stored from the registers (simd.h). */
+#undef BN_NT_ROWS
+#undef BN_NT_BWD_ROWS
+#if defined(BN_KT_F32) && defined(BN_HAVE_NT_ROWS_F32)
+#define BN_NT_ROWS(W)                                                                                        \
+    if (stream) {                                                                                            \
+        bn_nt_rows_f32(x, y, add, rows, W, mean, mlo, scale, shift, relu);                                   \
+        return;                                                                                              \
+    }
+#define BN_NT_BWD_ROWS(W)                                                                                    \
+    if (stream) {                                                                                            \
+        bn_nt_bwd_rows_f32(x, dy, dx, rows, W, mean, mlo, k1, k2, k3);                                       \
+        return;                                                                                              \
+    }
+#else
+#define BN_NT_ROWS(W)
+#define BN_NT_BWD_ROWS(W)
+#endif
 /* The narrow-row kernels for one width W (a constant, so the accumulator arrays live in registers). */
 #define BN_NARROW_KERNELS(W)                                                                                 \
     BN_NOINLINE static void KN(rows_stats_w##W)(const KT *x, int64_t rows, const KA *k, double *s1, double *s2) {       \
@@ -564,6 +584,53 @@ static inline int bn_narrow_regs(int64_t C) {
         BN_SIMD for (int c = 0; c < W; c++) {                                                                \
             sg[c] = a[c];                                                                                    \
             sgx[c] = b[c];                                                                                   \
+        }                                                                                                    \
+    }                                                                                                        \
+    /* y = (x - mean - mlo) * scale + shift [+ add] [ReLU] over rows of W values, no mask: the four  \
+       coefficients stay in registers, and rows are written directly (streamed: y is 64-byte aligned   \
+       and a row is whole lines, so each row is staged alone, or with float32 on AVX-512 stored from  \
+       the registers). EPYC, NHWC 32x64x56x56 inference in isolation, 2 threads: 0.71-0.78 ms with   \
+       the flat walk's expanded coefficients and staged chunks, 0.61-0.65 ms with the coefficients in  \
+       registers written through the cache, 0.55-0.59 ms stored from the registers (streamed). */      \
+    BN_NOINLINE static void KN(rows_apply_w##W)(const KT *x, KT *y, const KT *add, int64_t rows, const KA *mean, \
+                                                const KA *mlo, const KA *scale, const KA *shift, int relu,   \
+                                                int stream) {                                                \
+        BN_NT_ROWS(W)                                                                                        \
+        BN_KALIGN KA mh[W], ml[W], sc[W], sh[W];                                                             \
+        BN_KALIGN KT st[W];                                                                                  \
+        BN_SIMD for (int c = 0; c < W; c++) {                                                                \
+            mh[c] = mean[c];                                                                                 \
+            ml[c] = mlo[c];                                                                                  \
+            sc[c] = scale[c];                                                                                \
+            sh[c] = shift[c];                                                                                \
+        }                                                                                                    \
+        for (int64_t r = 0; r < rows; r++) {                                                                 \
+            const KT *xr = x + r * W, *ar = add ? add + r * W : NULL;                                        \
+            KT *yr = y + r * W, *out = stream ? st : yr;                                                     \
+            BN_APPLY_LOOPS(out, xr, ar, W, relu, mh[i], ml[i], sc[i], sh[i]);                                \
+            if (stream) bn_stream_copy(yr, st, (size_t)W * sizeof(KT));                                      \
+        }                                                                                                    \
+    }                                                                                                        \
+    /* The backward apply on the same rows, without a mask: dx = g * k1 - k2 - (x - mean - mlo) * k3,  \
+       or g * k1 without x; the five coefficients in registers, as rows_apply_w. */                   \
+    BN_NOINLINE static void KN(rows_bwd_apply_w##W)(const KT *x, const KT *dy, KT *dx, int64_t rows,       \
+                                                    const KA *mean, const KA *mlo, const KA *k1,            \
+                                                    const KA *k2, const KA *k3, int stream) {               \
+        BN_NT_BWD_ROWS(W)                                                                                    \
+        BN_KALIGN KA mh[W], ml[W], a1[W], a2[W], a3[W];                                                      \
+        BN_KALIGN KT st[W];                                                                                  \
+        BN_SIMD for (int c = 0; c < W; c++) {                                                                \
+            mh[c] = mean[c];                                                                                 \
+            ml[c] = mlo[c];                                                                                  \
+            a1[c] = k1[c];                                                                                   \
+            a2[c] = k2[c];                                                                                   \
+            a3[c] = k3[c];                                                                                   \
+        }                                                                                                    \
+        for (int64_t r = 0; r < rows; r++) {                                                                 \
+            const KT *xr = x ? x + r * W : NULL, *gr = dy + r * W;                                           \
+            KT *yr = dx + r * W, *out = stream ? st : yr;                                                    \
+            BN_BWD_LOOPS(out, (KT *)NULL, xr, gr, (const uint8_t *)NULL, W, mh[i], ml[i], a1[i], a2[i], a3[i]); \
+            if (stream) bn_stream_copy(yr, st, (size_t)W * sizeof(KT));                                      \
         }                                                                                                    \
     }
 BN_NARROW_KERNELS(16)
@@ -667,11 +734,6 @@ static void KN(run_bwd_apply)(const void *xv, const void *dyv, const uint8_t *m,
  * j < C - 1 + BN_CHUNK, so a chunk of at most BN_CHUNK values that starts at channel c reads e + c as
  * one value per element, one flat loop instead of a call per row of C values. */
 enum { BN_PERIOD = 2 * BN_CHUNK };
-#if defined(__GNUC__)
-#define BN_KALIGN __attribute__((aligned(64)))
-#else
-#define BN_KALIGN
-#endif
 #endif
 static inline const KA *KN(expand_period)(const KA *v, int64_t C, KA *e) {
     for (int64_t j0 = 0; j0 < C - 1 + BN_CHUNK; j0 += C) {
@@ -717,6 +779,15 @@ static void KN(rows_apply)(const void *xv, void *yv, const void *addv, uint8_t *
     KT stage[BN_CHUNK];
     KA z[BN_CHUNK];
     const int narrow = C <= BN_CHUNK;
+    if (!mask && bn_narrow_regs(C) &&
+        (!stream || (((uintptr_t)yv & 63) == 0 && ((size_t)C * sizeof(KT)) % 64 == 0))) {
+        const KT *x = (const KT *)xv, *add = (const KT *)addv;
+        KT *y = (KT *)yv;
+        if (C == 64) KN(rows_apply_w64)(x, y, add, rows, mean, mlo, scale, shift, relu, stream);
+        else if (C == 32) KN(rows_apply_w32)(x, y, add, rows, mean, mlo, scale, shift, relu, stream);
+        else KN(rows_apply_w16)(x, y, add, rows, mean, mlo, scale, shift, relu, stream);
+        return;
+    }
     if ((stream || narrow) && !mask) {
         const KT *x = (const KT *)xv, *add = (const KT *)addv;
         KT *y = (KT *)yv;
@@ -921,6 +992,16 @@ static void KN(rows_bwd_apply)(const void *xv, const void *dyv, const uint8_t *m
                 if (stream) bn_stream_copy(dx + o, sdx, (size_t)len * sizeof(KT));
             }
         }
+        return;
+    }
+    if (!mask && bn_narrow_regs(C) &&
+        (!stream || (((uintptr_t)dxv & 63) == 0 && ((size_t)C * sizeof(KT)) % 64 == 0))) {
+        if (!dxv) return;
+        const KT *x = (const KT *)xv, *dy = (const KT *)dyv;
+        KT *dx = (KT *)dxv;
+        if (C == 64) KN(rows_bwd_apply_w64)(x, dy, dx, rows, mean, mlo, k1, k2, k3, stream);
+        else if (C == 32) KN(rows_bwd_apply_w32)(x, dy, dx, rows, mean, mlo, k1, k2, k3, stream);
+        else KN(rows_bwd_apply_w16)(x, dy, dx, rows, mean, mlo, k1, k2, k3, stream);
         return;
     }
     if ((stream || narrow) && !mask) { /* flat chunks (on output lines when streaming), as rows_apply */

@@ -39,7 +39,9 @@ static inline uint16_t bn_bf16_st(float f) {
 #define KLD(v) (v)
 #define KST(a) (a)
 #define KN(name) name##_f32
+#define BN_KT_F32 1 /* float32 storage: simd.h's float32 kernels apply */
 #include "kernel_impl.h"
+#undef BN_KT_F32
 #undef KT
 #undef KA
 #undef KLD

@@ -1,0 +1,144 @@
+/*
+ * test_kernels.c - the channels-last forward and backward applies (rows_apply, rows_bwd_apply) of every
+ * instruction-set variant, every dtype and every way of writing their output, bit for bit against the
+ * portable (scalar) variant written through the cache.
+ *
+ * The apply is element-wise, so every variant and every path must give the same bits: the flat walk
+ * with periodically expanded coefficients, the narrow rows with their coefficients in registers
+ * (C = 16, 32, 64), the float32 rows stored from the registers with non-temporal stores (AVX-512), the
+ * staged and streamed chunks, and the row-by-row walk of wide rows. The data include NaN, infinities,
+ * signed zeros and values whose normalized result is -0 or rounds to 0, which the ReLU must turn into
+ * +0 (and keep NaN; NaNs compare equal whatever their sign and payload). Outputs are 64-byte aligned (where the streamed paths run) and misaligned by one
+ * element (where they must not).
+ */
+#include "harness.h"
+
+#include "core/internal.h"
+#include "cpu/kernels.h"
+
+#include <math.h>
+
+static double pick_value(void) {
+    switch (th_randint(0, 15)) {
+    case 0: return NAN;
+    case 1: return th_randint(0, 1) ? INFINITY : -INFINITY;
+    case 2: return th_randint(0, 1) ? 0.0 : -0.0;
+    case 3: return 0.5; /* equal to a mean below: x - mean = 0 */
+    default: return th_normal() * 3.0;
+    }
+}
+
+/* Bit for bit (the sign of zero included), except that any NaN equals any NaN: where two NaNs meet
+ * (a zero scale times an infinity, plus a NaN addend), C leaves open which one's sign and payload the
+ * sum keeps, and the compilers order the operands differently in different variants. */
+static int same_value(double a, double b) {
+    if (isnan(a) || isnan(b)) return isnan(a) && isnan(b);
+    return memcmp(&a, &b, sizeof a) == 0;
+}
+
+static size_t csize(bnorm_dtype dt) { return dt == BNORM_DTYPE_F64 ? sizeof(double) : sizeof(float); }
+
+/* Coefficients of compute type (double for float64 data, else float). */
+static void *coef(bnorm_dtype dt, int64_t C, double scale, double base) {
+    void *p = malloc((size_t)C * csize(dt));
+    for (int64_t c = 0; c < C; c++) {
+        double v = base + scale * th_normal();
+        if (c % 7 == 3) v = base; /* the exact mean of the value 0.5 below */
+        if (dt == BNORM_DTYPE_F64) ((double *)p)[c] = v;
+        else ((float *)p)[c] = (float)v;
+    }
+    return p;
+}
+
+static void one_case(bnorm_dtype dt, int64_t rows, int64_t C) {
+    const bn_kernels *ref = bn_kernels_variant(BNORM_ISA_SCALAR, dt);
+    const int64_t n = rows * C;
+    const size_t es = bnorm_dtype_size(dt);
+    double *xv = malloc(sizeof(double) * (size_t)n), *av = malloc(sizeof(double) * (size_t)n);
+    double *got = malloc(sizeof(double) * (size_t)n), *want = malloc(sizeof(double) * (size_t)n);
+    for (int64_t i = 0; i < n; i++) {
+        xv[i] = pick_value();
+        av[i] = th_randint(0, 3) == 0 ? pick_value() : th_normal();
+    }
+    th_buf X = th_alloc(dt, n, 0), A = th_alloc(dt, n, 0), W = th_alloc(dt, n, 0);
+    th_store(&X, xv);
+    th_store(&A, av);
+    void *mh = coef(dt, C, 0.0, 0.5), *ml = coef(dt, C, 1e-9, 0.0), *sc = coef(dt, C, 1.0, 0.0),
+         *sh = coef(dt, C, 0.5, 0.0), *k3 = coef(dt, C, 0.3, 0.0);
+    for (int variant = 0; variant < 4; variant++) {
+        const int add = variant & 1, relu = (variant >> 1) & 1;
+        ref->rows_apply(X.p, W.p, add ? A.p : NULL, NULL, 0, rows, C, mh, ml, sc, sh, relu, 0);
+        th_load(&W, want);
+        for (int isa = BNORM_ISA_SCALAR; isa <= BNORM_ISA_AVX512; isa++) {
+            const bn_kernels *k = bn_kernels_variant((bnorm_isa)isa, dt);
+            if (!k) continue;
+            for (int stream = 0; stream <= 1; stream++)
+                for (int mis = 0; mis <= 1; mis++) {
+                    th_buf Y = th_alloc(dt, n, mis ? (int)es : 0);
+                    memset(Y.p, 0x5a, (size_t)n * es);
+                    k->rows_apply(X.p, Y.p, add ? A.p : NULL, NULL, 0, rows, C, mh, ml, sc, sh, relu, stream);
+                    th_load(&Y, got);
+                    int64_t bad = -1;
+                    for (int64_t i = 0; i < n && bad < 0; i++)
+                        if (!same_value(got[i], want[i])) bad = i;
+                    CHECK(bad < 0,
+                          "%s isa=%d rows=%lld C=%lld add=%d relu=%d stream=%d misaligned=%d: value %lld is %a, the "
+                          "scalar variant's %a (x %g, addend %g)",
+                          bnorm_dtype_name(dt), isa, (long long)rows, (long long)C, add, relu, stream, mis,
+                          (long long)bad, bad < 0 ? 0.0 : got[bad], bad < 0 ? 0.0 : want[bad], bad < 0 ? 0.0 : xv[bad],
+                          bad < 0 ? 0.0 : av[bad]);
+                    th_free(&Y);
+                }
+        }
+    }
+    /* the backward apply: dx = dy * k1 - k2 - (x - mh - ml) * k3, and dy * k1 without x (eval); A is dy */
+    for (int with_x = 0; with_x <= 1; with_x++) {
+        const void *xp = with_x ? X.p : NULL;
+        ref->rows_bwd_apply(xp, A.p, NULL, 0, W.p, NULL, rows, C, mh, ml, sc, sh, k3, 0);
+        th_load(&W, want);
+        for (int isa = BNORM_ISA_SCALAR; isa <= BNORM_ISA_AVX512; isa++) {
+            const bn_kernels *k = bn_kernels_variant((bnorm_isa)isa, dt);
+            if (!k) continue;
+            for (int stream = 0; stream <= 1; stream++)
+                for (int mis = 0; mis <= 1; mis++) {
+                    th_buf Y = th_alloc(dt, n, mis ? (int)es : 0);
+                    memset(Y.p, 0x5a, (size_t)n * es);
+                    k->rows_bwd_apply(xp, A.p, NULL, 0, Y.p, NULL, rows, C, mh, ml, sc, sh, k3, stream);
+                    th_load(&Y, got);
+                    int64_t bad = -1;
+                    for (int64_t i = 0; i < n && bad < 0; i++)
+                        if (!same_value(got[i], want[i])) bad = i;
+                    CHECK(bad < 0,
+                          "backward %s isa=%d rows=%lld C=%lld x=%d stream=%d misaligned=%d: value %lld is %a, the "
+                          "scalar variant's %a",
+                          bnorm_dtype_name(dt), isa, (long long)rows, (long long)C, with_x, stream, mis, (long long)bad,
+                          bad < 0 ? 0.0 : got[bad], bad < 0 ? 0.0 : want[bad]);
+                    th_free(&Y);
+                }
+        }
+    }
+    th_free(&X);
+    th_free(&A);
+    th_free(&W);
+    free(xv);
+    free(av);
+    free(got);
+    free(want);
+    free(mh);
+    free(ml);
+    free(sc);
+    free(sh);
+    free(k3);
+}
+
+int main(void) {
+    th_seed(7);
+    const bnorm_dtype dts[] = {BNORM_DTYPE_F32, BNORM_DTYPE_F64, BNORM_DTYPE_F16, BNORM_DTYPE_BF16};
+    const int64_t chans[] = {16, 32, 64, 1, 3, 17, 48, 96, 300, 1030};
+    for (size_t d = 0; d < 4; d++)
+        for (size_t c = 0; c < sizeof chans / sizeof chans[0]; c++) {
+            const int64_t rows = th_randint(1, 40) + (chans[c] <= 64 ? 60 : 0);
+            one_case(dts[d], rows, chans[c]);
+        }
+    return th_finish("test_kernels");
+}
