@@ -134,10 +134,10 @@ static void one_case(bnorm_dtype dt, int64_t rows, int64_t C) {
 int main(void) {
     th_seed(7);
     const bnorm_dtype dts[] = {BNORM_DTYPE_F32, BNORM_DTYPE_F64, BNORM_DTYPE_F16, BNORM_DTYPE_BF16};
-    const int64_t chans[] = {16, 32, 64, 1, 3, 17, 48, 96, 300, 1030};
+    const int64_t chans[] = {16, 32, 64, 1, 3, 17, 48, 96, 256, 300, 1030, 2048};
     for (size_t d = 0; d < 4; d++)
         for (size_t c = 0; c < sizeof chans / sizeof chans[0]; c++) {
-            const int64_t rows = th_randint(1, 40) + (chans[c] <= 64 ? 60 : 0);
+            const int64_t rows = th_randint(1, chans[c] >= 1024 ? 9 : 40) + (chans[c] <= 64 ? 60 : 0);
             one_case(dts[d], rows, chans[c]);
         }
     return th_finish("test_kernels");

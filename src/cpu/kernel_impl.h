@@ -526,6 +526,16 @@ static inline int bn_narrow_regs(int64_t C) {
 }
 #endif
 
+/* Streamed float32 rows of any multiple of 16 channels (64-byte aligned output) are stored from the
+ * registers too (simd.h's bn_nt_wide_rows_f32 / bn_nt_wide_bwd_rows_f32) instead of staged in chunks of
+ * BN_CHUNK and copied. EPYC, in-process A/B (bnorm_ab, 7 rounds, 1 and 2 threads): NHWC inference
+ * 32x256x56x56 1.06-1.11x, 32x512x28x28 1.21-1.35x, 32x1024x14x14 1.25x, NWC 64x256x1024 1.18-1.19x;
+ * training forward 0.98-1.17x; backward 1.05-1.36x (docs/performance.md, session 9). Session 7 had
+ * measured direct streaming stores as slower at C = 2048 in isolation; that shape's output (12.8 MiB)
+ * is not streamed on AMD. 0: the staged chunks (kept for comparisons). */
+#ifndef BN_NT_WIDE
+#define BN_NT_WIDE 1
+#endif
 /* float32 on AVX-512, streamed: rows stored from the registers (simd.h). */
 #undef BN_NT_ROWS
 #undef BN_NT_BWD_ROWS
@@ -788,6 +798,13 @@ static void KN(rows_apply)(const void *xv, void *yv, const void *addv, uint8_t *
         else KN(rows_apply_w16)(x, y, add, rows, mean, mlo, scale, shift, relu, stream);
         return;
     }
+#if defined(BN_KT_F32) && defined(BN_HAVE_NT_ROWS_F32) && BN_NT_WIDE
+    if (stream && !mask && C % 16 == 0 && ((uintptr_t)yv & 63) == 0) {
+        bn_nt_wide_rows_f32((const float *)xv, (float *)yv, (const float *)addv, rows, C, mean, mlo, scale, shift,
+                            relu);
+        return;
+    }
+#endif
     if ((stream || narrow) && !mask) {
         const KT *x = (const KT *)xv, *add = (const KT *)addv;
         KT *y = (KT *)yv;
@@ -962,6 +979,14 @@ static void KN(rows_bwd_apply)(const void *xv, const void *dyv, const uint8_t *m
     uint8_t m[BN_CHUNK];
     KT sdx[BN_CHUNK], sda[BN_CHUNK];
     const int narrow = C <= BN_CHUNK;
+#if defined(BN_KT_F32) && defined(BN_HAVE_NT_ROWS_F32) && BN_NT_WIDE
+    if (stream && !mask && !bn_narrow_regs(C) && C % 16 == 0 && ((uintptr_t)dxv & 63) == 0) {
+        if (dxv)
+            bn_nt_wide_bwd_rows_f32((const float *)xv, (const float *)dyv, (float *)dxv, rows, C, mean, mlo, k1, k2,
+                                    k3, bn_rows_per_pass(C, 5 * sizeof(KA)) == 4);
+        return;
+    }
+#endif
     /* Wide rows: four rows per chunk of channels, each channel's five coefficients loaded once for the
        four rows (bn_rows_per_pass): seven loads per value one row at a time, three here, and the
        apply is bound by its loads (EPYC, float32 C = 2048, 2 threads: 0.61-0.65 -> 0.46-0.50 ms;

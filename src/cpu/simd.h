@@ -101,6 +101,56 @@ static inline __attribute__((always_inline)) void bn_nt_rows_f32(const float *x,
     }
 }
 
+/* Rows of C float32 values (C a multiple of 16, y 64-byte aligned): bn_nt_rows_f32's expression with
+ * the coefficients read from memory, stored from the registers. */
+static inline void bn_nt_wide_rows_f32(const float *x, float *y, const float *add, int64_t rows, int64_t C,
+                                       const float *mh, const float *ml, const float *sc, const float *sh,
+                                       int relu) {
+    const __m512 zero = _mm512_setzero_ps();
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * C, *ar = add ? add + r * C : NULL;
+        float *yr = y + r * C;
+        for (int64_t j = 0; j < C; j += 16) {
+            __m512 v = _mm512_sub_ps(_mm512_sub_ps(_mm512_loadu_ps(xr + j), _mm512_loadu_ps(mh + j)),
+                                     _mm512_loadu_ps(ml + j));
+            v = _mm512_add_ps(_mm512_mul_ps(v, _mm512_loadu_ps(sc + j)), _mm512_loadu_ps(sh + j));
+            if (ar) v = _mm512_add_ps(v, _mm512_loadu_ps(ar + j));
+            if (relu) v = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, zero, _CMP_NLE_UQ), v);
+            _mm512_stream_ps(yr + j, v);
+        }
+    }
+}
+
+/* The backward apply on rows of C float32 values (C a multiple of 16, dx 64-byte aligned), stored from the
+ * registers: dx = g * k1 - k2 - (x - mh - ml) * k3, or g * k1 without x; with `four`, four rows per
+ * pass, each vector of coefficients loaded once for the four (kernel_impl.h's bn_rows_per_pass). */
+static inline void bn_nt_wide_bwd_rows_f32(const float *x, const float *dy, float *dx, int64_t rows, int64_t C,
+                                           const float *mh, const float *ml, const float *k1, const float *k2,
+                                           const float *k3, int four) {
+    int64_t r = 0;
+    const int q_n = four ? 4 : 1;
+    for (; r + q_n <= rows; r += q_n)
+        for (int64_t j = 0; j < C; j += 16) {
+            const __m512 a1 = _mm512_loadu_ps(k1 + j);
+            if (x) {
+                const __m512 h = _mm512_loadu_ps(mh + j), l = _mm512_loadu_ps(ml + j);
+                const __m512 a2 = _mm512_loadu_ps(k2 + j), a3 = _mm512_loadu_ps(k3 + j);
+                for (int q = 0; q < q_n; q++) {
+                    const int64_t o = (r + q) * C + j;
+                    const __m512 a = _mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(dy + o), a1), a2);
+                    const __m512 d = _mm512_sub_ps(_mm512_sub_ps(_mm512_loadu_ps(x + o), h), l);
+                    _mm512_stream_ps(dx + o, _mm512_sub_ps(a, _mm512_mul_ps(d, a3)));
+                }
+            } else {
+                for (int q = 0; q < q_n; q++) {
+                    const int64_t o = (r + q) * C + j;
+                    _mm512_stream_ps(dx + o, _mm512_mul_ps(_mm512_loadu_ps(dy + o), a1));
+                }
+            }
+        }
+    if (r < rows) bn_nt_wide_bwd_rows_f32(x ? x + r * C : NULL, dy + r * C, dx + r * C, rows - r, C, mh, ml, k1, k2, k3, 0);
+}
+
 /* The backward apply on the same rows: dx = g * k1 - k2 - (x - mh - ml) * k3 with g = dy, or dx = g * k1
  * without x (eval), kernel_impl.h's BN_BWD_LOOPS expression, stored from the registers. */
 static inline __attribute__((always_inline)) void bn_nt_bwd_rows_f32(const float *x, const float *dy, float *dx,
