@@ -69,7 +69,7 @@ foreach(walk row block)
 endforeach()
 add_test(NAME test_embed_verbose_tuning COMMAND test_embed verbose)
 set_tests_properties(test_embed_verbose_tuning PROPERTIES ENVIRONMENT "BNORM_VERBOSE=1;BNORM_ROWS_WALK=block"
-  PASS_REGULAR_EXPRESSION "walk=blocks,tuning=(intel|amd|other),l1d=[0-9]+K,l2=[0-9]+K,l3=[0-9a-z]+M?\\((cpuid|sysconf|defaults)\\),chanblock=[0-9]+K,rowgroup=[0-9]+K,rowwalk<=0,rowstream>=([0-9]+K|never),inferstream=(planes|no),apply=(back|front)")
+  PASS_REGULAR_EXPRESSION "walk=blocks,tuning=(intel|amd|other),l1d=[0-9]+K,l2=[0-9]+K,l3=[0-9a-z]+M?\\((cpuid|sysconf|defaults)\\),chanblock=[0-9]+K,rowgroup=[0-9]+K,rowwalk<=0,rowstream>=([0-9]+K|never),bwdstream>=([0-9]+K|never),inferstream=(planes|no),apply=(back|front)")
 # ... and with every output streamed from the first byte (so the streaming paths run on small tensors
 # too, whatever the CPU chose), and with none streamed.
 foreach(t test_functional test_hard test_fused)

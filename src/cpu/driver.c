@@ -32,9 +32,11 @@
 #ifdef BN_STREAM_MIN_BYTES
 #define BN_STREAM_MIN_PLANES BN_STREAM_MIN_BYTES
 #define BN_STREAM_MIN_ROWS BN_STREAM_MIN_BYTES
+#define BN_STREAM_MIN_ROWS_BWD BN_STREAM_MIN_BYTES
 #else
 #define BN_STREAM_MIN_PLANES ((double)bn_tuning_get()->stream_planes_min_bytes)
 #define BN_STREAM_MIN_ROWS ((double)bn_tuning_get()->stream_rows_min_bytes)
+#define BN_STREAM_MIN_ROWS_BWD ((double)bn_tuning_get()->stream_rows_bwd_min_bytes)
 #endif
 #ifndef BN_BWD_REVERSE
 #define BN_BWD_REVERSE 0
@@ -42,8 +44,9 @@
 #ifndef BN_STATS_BLOCK_BYTES
 #define BN_STATS_BLOCK_BYTES (64 * 1024 * 1024)
 #endif
-static int bn_stream_output(const bn_geom *g) {
-    return (double)g->numel * (double)g->esize >= (g->planes ? BN_STREAM_MIN_PLANES : BN_STREAM_MIN_ROWS);
+static int bn_stream_output(const bn_geom *g, int backward) {
+    return (double)g->numel * (double)g->esize >=
+           (g->planes ? BN_STREAM_MIN_PLANES : backward ? BN_STREAM_MIN_ROWS_BWD : BN_STREAM_MIN_ROWS);
 }
 
 
@@ -948,7 +951,7 @@ static void bn_fwd_ctx_init(bn_fwd_ctx *f, const bnorm_plan *p, const bnorm_forw
     f->pd = p->pd;
     f->dbl = a->desc.dtype == BNORM_DTYPE_F64;
     f->mask_stride = bn_mask_stride(&f->g);
-    f->stream = bn_stream_output(&f->g);
+    f->stream = bn_stream_output(&f->g, 0);
     /* inference on planes: one flat walk, no re-read of x; whether streaming its output pays is the
        CPU's (tuning.c) */
     if (f->g.planes && p->sched == BN_SCHED_INFER_FLAT && !bn_tuning_get()->stream_planes_inference) f->stream = 0;
@@ -1603,7 +1606,7 @@ bnorm_status bn_cpu_backward(const bnorm_plan *p, const bnorm_backward_args *a, 
     b.pd = p->pd;
     b.dbl = a->desc.dtype == BNORM_DTYPE_F64;
     b.mask_stride = bn_mask_stride(&b.g);
-    b.stream = bn_stream_output(&b.g);
+    b.stream = bn_stream_output(&b.g, 1);
     b.n_total = (double)b.g.m;
     b.ax = a->use_global_stats ? NULL : a->x;
     b.delta = NULL;

@@ -88,6 +88,7 @@ typedef struct bn_tuning {
     int apply_back_to_front;  /* training forward on rows: apply back to front (1) or front to back */
     size_t row_walk_max_bytes; /* rows of at most this many bytes are walked row by row (0: never) */
     size_t stream_rows_min_bytes; /* rows outputs of at least this many bytes are streamed */
+    size_t stream_rows_bwd_min_bytes; /* the same for the backward's dx */
     size_t stream_planes_min_bytes; /* the same for planes (channels-first) */
     int stream_planes_inference; /* 0: inference on planes (one flat walk) never streams */
     char text[256];           /* the above, for BNORM_VERBOSE */
