@@ -36,7 +36,13 @@ class CMakeBuildExt(build_ext):
         subprocess.check_call(["cmake", "--build", build_dir, "--target", "bnorm_static", "-j" + jobs])
         ext.include_dirs.append(os.path.join(ROOT, "include"))
         ext.include_dirs.append(os.path.join(build_dir, "include"))  # the generated bnorm_version.h
-        ext.extra_objects.append(os.path.join(build_dir, "libbnorm.a"))
+        lib = os.path.join(build_dir, "libbnorm.a")
+        if lib not in ext.extra_objects:
+            ext.extra_objects.append(lib)
+        # build_ext relinks only when a source or a dependency is newer than the extension; the library is
+        # neither by default, so a rebuilt libbnorm.a would leave a stale extension from an earlier build
+        if lib not in ext.depends:
+            ext.depends.append(lib)
         super().build_extension(ext)
 
 
