@@ -276,7 +276,7 @@ static void bn_verbose_line(const bnorm_plan *p, const char *what, double us) {
     else
         op = p->ba.use_global_stats ? "backward_global_stats" : "backward";
     /* then the backend's parameters for this plan (the CPU's: which row walk, what it derived from the CPU) */
-    char detail[320];
+    char detail[448];
     bn_cpu_plan_detail(p, detail, sizeof detail);
     fprintf(stderr, "bnorm_verbose,%s,%s,%s,%s,%s,schedule=%s,isa=%s,threads=%d%s,comm=%d,%.3f us,%s\n", what, op,
             shape, d->layout == BNORM_LAYOUT_CHANNELS_LAST ? "channels_last" : "channels_first",

@@ -237,6 +237,17 @@ static inline KA KN(relu)(KA z) { return z <= (KA)0 ? (KA)0 : z; }
 #ifndef BN_CHUNK
 #define BN_CHUNK 256
 #endif
+/* Staging buffers and expanded coefficients start on a 64-byte line: a staged chunk is copied out with
+ * 64-byte loads, which split lines otherwise. Unaligned, where the compiler happened to put them in
+ * the stack frame decided it (session 9: a change elsewhere in rows_apply moved its staging buffer off
+ * a line and made misaligned streamed NHWC inference 1.1-1.6x slower). */
+#ifndef BN_KALIGN
+#if defined(__GNUC__)
+#define BN_KALIGN __attribute__((aligned(64)))
+#else
+#define BN_KALIGN
+#endif
+#endif
 
 #ifndef BN_CHUNK_LEN_DEFINED
 #define BN_CHUNK_LEN_DEFINED
@@ -279,8 +290,8 @@ static void KN(seg_apply)(const void *xv, void *yv, const void *addv, uint8_t *m
         KN(apply_run)(x, y, add, n, mean, mlo, scale, shift, relu);
         return;
     }
-    KT stage[BN_CHUNK];
-    KA z[BN_CHUNK];
+    BN_KALIGN KT stage[BN_CHUNK];
+    BN_KALIGN KA z[BN_CHUNK];
     for (int64_t i0 = 0, len; i0 < n; i0 += len) {
         len = bn_chunk_len(y + i0, sizeof(KT), n - i0, stream && !mask);
         const KT *xc = x + i0, *ac = add ? add + i0 : NULL;
@@ -309,7 +320,7 @@ static void KN(planes_apply)(const void *xv, void *yv, const void *addv, int64_t
     const KT *x = (const KT *)xv, *add = (const KT *)addv;
     KT *y = (KT *)yv;
     const KA *mean = (const KA *)meanv, *mlo = (const KA *)mlov, *scale = (const KA *)scalev, *shift = (const KA *)shiftv;
-    KT stage[BN_CHUNK];
+    BN_KALIGN KT stage[BN_CHUNK];
     const int64_t n = np * inner;
     int64_t c = c0, off = 0; /* channel and offset in the plane of position i0 */
     for (int64_t i0 = 0, len; i0 < n; i0 += len) {
@@ -398,7 +409,8 @@ static void KN(seg_bwd_apply)(const void *xv, const void *dyv, const uint8_t *ma
         return;
     }
     uint8_t m[BN_CHUNK];
-    KT sdx[BN_CHUNK], sda[BN_CHUNK];
+    BN_KALIGN KT sdx[BN_CHUNK];
+    BN_KALIGN KT sda[BN_CHUNK];
     for (int64_t i0 = 0, len; i0 < n; i0 += len) {
         len = bn_chunk_len(dx ? dx + i0 : NULL, sizeof(KT), n - i0, stream && !mask && dx);
         if (mask) bn_bits_to_u8(mask + (i0 >> 3), len, m);
@@ -516,10 +528,8 @@ static inline void bn_prefetch_part(const void *p, size_t bytes, int64_t part, i
 #endif
 #if defined(__GNUC__)
 #define BN_NOINLINE __attribute__((noinline)) /* a function of its own: its registers are its own */
-#define BN_KALIGN __attribute__((aligned(64)))
 #else
 #define BN_NOINLINE
-#define BN_KALIGN
 #endif
 static inline int bn_narrow_regs(int64_t C) {
     return BN_ROWS_REGBLOCK && (C == 16 || C == 32 || C == 64) && C <= BN_NARROW_MAX;
@@ -786,8 +796,8 @@ static void KN(rows_apply)(const void *xv, void *yv, const void *addv, uint8_t *
                            int64_t rows, int64_t C, const void *meanv, const void *mlov,
                            const void *scalev, const void *shiftv, int relu, int stream) {
     const KA *mean = (const KA *)meanv, *mlo = (const KA *)mlov, *scale = (const KA *)scalev, *shift = (const KA *)shiftv;
-    KT stage[BN_CHUNK];
-    KA z[BN_CHUNK];
+    BN_KALIGN KT stage[BN_CHUNK];
+    BN_KALIGN KA z[BN_CHUNK];
     const int narrow = C <= BN_CHUNK;
     if (!mask && bn_narrow_regs(C) &&
         (!stream || (((uintptr_t)yv & 63) == 0 && ((size_t)C * sizeof(KT)) % 64 == 0))) {
@@ -818,6 +828,31 @@ static void KN(rows_apply)(const void *xv, void *yv, const void *addv, uint8_t *
             for (int k = 0; k < 4; k++) cf[k] = KN(expand_period)(cf[k], C, e[k]);
             span = C - 1 + BN_CHUNK;
         }
+#if defined(BN_KT_F32) && defined(BN_HAVE_NT_ROWS_F32) && BN_NT_WIDE
+        /* float32 narrow rows at any alignment, streamed: each chunk's whole lines stored from the
+           registers, its partial first and last lines (only at the ends of the range) through the cache */
+        if (stream && narrow) {
+            for (int64_t i0 = 0, len; i0 < n; i0 += len) {
+                len = bn_chunk_len(y + i0, sizeof(KT), n - i0, 1);
+                const int64_t c = i0 % C;
+                int64_t pre = (int64_t)((-(uintptr_t)(y + i0) & 63) / sizeof(KT));
+                if (pre > len) pre = len;
+                const int64_t body = (len - pre) / 16 * 16, post = len - pre - body;
+                if (pre)
+                    KN(run_apply)(x + i0, y + i0, add ? add + i0 : NULL, NULL, 0, 1, pre, cf[0] + c, cf[1] + c,
+                                  cf[2] + c, cf[3] + c, relu);
+                if (body)
+                    bn_nt_wide_rows_f32(x + i0 + pre, y + i0 + pre, add ? add + i0 + pre : NULL, 1, body,
+                                        cf[0] + c + pre, cf[1] + c + pre, cf[2] + c + pre, cf[3] + c + pre, relu);
+                if (post) {
+                    const int64_t q = i0 + pre + body, cq = c + pre + body;
+                    KN(run_apply)(x + q, y + q, add ? add + q : NULL, NULL, 0, 1, post, cf[0] + cq, cf[1] + cq,
+                                  cf[2] + cq, cf[3] + cq, relu);
+                }
+            }
+            return;
+        }
+#endif
         for (int64_t i0 = 0, len; i0 < n; i0 += len) {
             len = bn_chunk_len(y + i0, sizeof(KT), n - i0, stream);
             KT *out = stream ? stage : y + i0;
@@ -977,7 +1012,8 @@ static void KN(rows_bwd_apply)(const void *xv, const void *dyv, const uint8_t *m
                                const void *mlov, const void *k1v, const void *k2v, const void *k3v, int stream) {
     const KA *mean = (const KA *)meanv, *mlo = (const KA *)mlov, *k1 = (const KA *)k1v, *k2 = (const KA *)k2v, *k3 = (const KA *)k3v;
     uint8_t m[BN_CHUNK];
-    KT sdx[BN_CHUNK], sda[BN_CHUNK];
+    BN_KALIGN KT sdx[BN_CHUNK];
+    BN_KALIGN KT sda[BN_CHUNK];
     const int narrow = C <= BN_CHUNK;
 #if defined(BN_KT_F32) && defined(BN_HAVE_NT_ROWS_F32) && BN_NT_WIDE
     if (stream && !mask && !bn_narrow_regs(C) && C % 16 == 0 && ((uintptr_t)dxv & 63) == 0) {
@@ -995,7 +1031,7 @@ static void KN(rows_bwd_apply)(const void *xv, const void *dyv, const uint8_t *m
         if (!dxv) return;
         const KT *x = (const KT *)xv, *dy = (const KT *)dyv;
         KT *dx = (KT *)dxv;
-        KT st4[4][BN_CHUNK];
+        BN_KALIGN KT st4[4][BN_CHUNK];
         int64_t r0 = 0;
         for (; r0 + 4 <= rows; r0 += 4) {
             for (int64_t c0 = 0, len; c0 < C; c0 += len) {
@@ -1041,6 +1077,30 @@ static void KN(rows_bwd_apply)(const void *xv, const void *dyv, const uint8_t *m
             for (int k = 0; k < 5; k++) cf[k] = KN(expand_period)(cf[k], C, e[k]);
             span = C - 1 + BN_CHUNK;
         }
+#if defined(BN_KT_F32) && defined(BN_HAVE_NT_ROWS_F32) && BN_NT_WIDE
+        if (stream && narrow) { /* as rows_apply: whole lines from the registers */
+            for (int64_t i0 = 0, len; i0 < n; i0 += len) {
+                len = bn_chunk_len(dx + i0, sizeof(KT), n - i0, 1);
+                const int64_t c = i0 % C;
+                int64_t pre = (int64_t)((-(uintptr_t)(dx + i0) & 63) / sizeof(KT));
+                if (pre > len) pre = len;
+                const int64_t body = (len - pre) / 16 * 16, post = len - pre - body;
+                if (pre)
+                    KN(run_bwd_apply)(x ? x + i0 : NULL, dy + i0, NULL, dx + i0, NULL, pre, cf[0] + c, cf[1] + c,
+                                      cf[2] + c, cf[3] + c, cf[4] + c);
+                if (body)
+                    bn_nt_wide_bwd_rows_f32(x ? x + i0 + pre : NULL, dy + i0 + pre, dx + i0 + pre, 1, body,
+                                            cf[0] + c + pre, cf[1] + c + pre, cf[2] + c + pre, cf[3] + c + pre,
+                                            cf[4] + c + pre, 0);
+                if (post) {
+                    const int64_t q = i0 + pre + body, cq = c + pre + body;
+                    KN(run_bwd_apply)(x ? x + q : NULL, dy + q, NULL, dx + q, NULL, post, cf[0] + cq, cf[1] + cq,
+                                      cf[2] + cq, cf[3] + cq, cf[4] + cq);
+                }
+            }
+            return;
+        }
+#endif
         for (int64_t i0 = 0, len; i0 < n; i0 += len) {
             len = bn_chunk_len(dx + i0, sizeof(KT), n - i0, stream);
             KT *out = stream ? sdx : dx + i0;
@@ -1121,7 +1181,7 @@ static void KN(run_apply)(const void *xv, void *yv, const void *addv, uint8_t *m
         BN_APPLY_LOOPS(y, x, add, n, relu, mh[i], ml[i], sc[i], sh[i]);
         return;
     }
-    KA z[BN_CHUNK];
+    BN_KALIGN KA z[BN_CHUNK];
     for (int64_t j = 0; j < np; j++) {
         for (int64_t i0 = 0; i0 < inner; i0 += BN_CHUNK) {
             const int64_t len = inner - i0 < BN_CHUNK ? inner - i0 : BN_CHUNK, o = j * inner + i0;

@@ -91,7 +91,7 @@ typedef struct bn_tuning {
     size_t stream_rows_bwd_min_bytes; /* the same for the backward's dx */
     size_t stream_planes_min_bytes; /* the same for planes (channels-first) */
     int stream_planes_inference; /* 0: inference on planes (one flat walk) never streams */
-    char text[256];           /* the above, for BNORM_VERBOSE */
+    char text[384];           /* the above, for BNORM_VERBOSE */
 } bn_tuning;
 const bn_tuning *bn_tuning_get(void);
 
