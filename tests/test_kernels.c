@@ -50,76 +50,83 @@ static void *coef(bnorm_dtype dt, int64_t C, double scale, double base) {
     return p;
 }
 
+/* One case's inputs, and which apply runs on them. */
+typedef struct kcase {
+    bnorm_dtype dt;
+    int64_t rows, C;
+    const void *x, *a; /* a: the addend (forward) or dy (backward) */
+    const void *mh, *ml, *sc, *sh, *k3;
+    int backward, add, relu, with_x;
+} kcase;
+
+static void run_apply(const bn_kernels *k, const kcase *c, void *y, int stream) {
+    if (c->backward)
+        k->rows_bwd_apply(c->with_x ? c->x : NULL, c->a, NULL, 0, y, NULL, c->rows, c->C, c->mh, c->ml, c->sc, c->sh,
+                          c->k3, stream);
+    else
+        k->rows_apply(c->x, y, c->add ? c->a : NULL, NULL, 0, c->rows, c->C, c->mh, c->ml, c->sc, c->sh, c->relu,
+                      stream);
+}
+
+/* Every variant, streamed or not, output aligned or one element off a line, against the scalar variant
+ * written through the cache. */
+static void check_variants(const kcase *c, const double *xv, const double *av, double *want, double *got) {
+    const int64_t n = c->rows * c->C;
+    const size_t es = bnorm_dtype_size(c->dt);
+    th_buf W = th_alloc(c->dt, n, 0);
+    run_apply(bn_kernels_variant(BNORM_ISA_SCALAR, c->dt), c, W.p, 0);
+    th_load(&W, want);
+    th_free(&W);
+    for (int isa = BNORM_ISA_SCALAR; isa <= BNORM_ISA_AVX512; isa++) {
+        const bn_kernels *k = bn_kernels_variant((bnorm_isa)isa, c->dt);
+        if (!k) continue;
+        for (int stream = 0; stream <= 1; stream++)
+            for (int mis = 0; mis <= 1; mis++) {
+                th_buf Y = th_alloc(c->dt, n, mis ? (int)es : 0);
+                memset(Y.p, 0x5a, (size_t)n * es);
+                run_apply(k, c, Y.p, stream);
+                th_load(&Y, got);
+                th_free(&Y);
+                int64_t bad = -1;
+                for (int64_t i = 0; i < n && bad < 0; i++)
+                    if (!same_value(got[i], want[i])) bad = i;
+                CHECK(bad < 0,
+                      "%s %s isa=%d rows=%lld C=%lld add=%d relu=%d x=%d stream=%d misaligned=%d: value %lld is %a, "
+                      "the scalar variant's %a (x %g, addend or dy %g)",
+                      c->backward ? "backward" : "forward", bnorm_dtype_name(c->dt), isa, (long long)c->rows,
+                      (long long)c->C, c->add, c->relu, c->with_x, stream, mis, (long long)bad,
+                      bad < 0 ? 0.0 : got[bad], bad < 0 ? 0.0 : want[bad], bad < 0 ? 0.0 : xv[bad],
+                      bad < 0 ? 0.0 : av[bad]);
+            }
+    }
+}
+
 static void one_case(bnorm_dtype dt, int64_t rows, int64_t C) {
-    const bn_kernels *ref = bn_kernels_variant(BNORM_ISA_SCALAR, dt);
     const int64_t n = rows * C;
-    const size_t es = bnorm_dtype_size(dt);
     double *xv = malloc(sizeof(double) * (size_t)n), *av = malloc(sizeof(double) * (size_t)n);
     double *got = malloc(sizeof(double) * (size_t)n), *want = malloc(sizeof(double) * (size_t)n);
     for (int64_t i = 0; i < n; i++) {
         xv[i] = pick_value();
         av[i] = th_randint(0, 3) == 0 ? pick_value() : th_normal();
     }
-    th_buf X = th_alloc(dt, n, 0), A = th_alloc(dt, n, 0), W = th_alloc(dt, n, 0);
+    th_buf X = th_alloc(dt, n, 0), A = th_alloc(dt, n, 0);
     th_store(&X, xv);
     th_store(&A, av);
     void *mh = coef(dt, C, 0.0, 0.5), *ml = coef(dt, C, 1e-9, 0.0), *sc = coef(dt, C, 1.0, 0.0),
          *sh = coef(dt, C, 0.5, 0.0), *k3 = coef(dt, C, 0.3, 0.0);
-    for (int variant = 0; variant < 4; variant++) {
-        const int add = variant & 1, relu = (variant >> 1) & 1;
-        ref->rows_apply(X.p, W.p, add ? A.p : NULL, NULL, 0, rows, C, mh, ml, sc, sh, relu, 0);
-        th_load(&W, want);
-        for (int isa = BNORM_ISA_SCALAR; isa <= BNORM_ISA_AVX512; isa++) {
-            const bn_kernels *k = bn_kernels_variant((bnorm_isa)isa, dt);
-            if (!k) continue;
-            for (int stream = 0; stream <= 1; stream++)
-                for (int mis = 0; mis <= 1; mis++) {
-                    th_buf Y = th_alloc(dt, n, mis ? (int)es : 0);
-                    memset(Y.p, 0x5a, (size_t)n * es);
-                    k->rows_apply(X.p, Y.p, add ? A.p : NULL, NULL, 0, rows, C, mh, ml, sc, sh, relu, stream);
-                    th_load(&Y, got);
-                    int64_t bad = -1;
-                    for (int64_t i = 0; i < n && bad < 0; i++)
-                        if (!same_value(got[i], want[i])) bad = i;
-                    CHECK(bad < 0,
-                          "%s isa=%d rows=%lld C=%lld add=%d relu=%d stream=%d misaligned=%d: value %lld is %a, the "
-                          "scalar variant's %a (x %g, addend %g)",
-                          bnorm_dtype_name(dt), isa, (long long)rows, (long long)C, add, relu, stream, mis,
-                          (long long)bad, bad < 0 ? 0.0 : got[bad], bad < 0 ? 0.0 : want[bad], bad < 0 ? 0.0 : xv[bad],
-                          bad < 0 ? 0.0 : av[bad]);
-                    th_free(&Y);
-                }
-        }
+    kcase c = {dt, rows, C, X.p, A.p, mh, ml, sc, sh, k3, 0, 0, 0, 1};
+    for (int variant = 0; variant < 4; variant++) { /* the forward: y = (x - mh - ml) * sc + sh [+ add] [ReLU] */
+        c.add = variant & 1;
+        c.relu = (variant >> 1) & 1;
+        check_variants(&c, xv, av, want, got);
     }
-    /* the backward apply: dx = dy * k1 - k2 - (x - mh - ml) * k3, and dy * k1 without x (eval); A is dy */
-    for (int with_x = 0; with_x <= 1; with_x++) {
-        const void *xp = with_x ? X.p : NULL;
-        ref->rows_bwd_apply(xp, A.p, NULL, 0, W.p, NULL, rows, C, mh, ml, sc, sh, k3, 0);
-        th_load(&W, want);
-        for (int isa = BNORM_ISA_SCALAR; isa <= BNORM_ISA_AVX512; isa++) {
-            const bn_kernels *k = bn_kernels_variant((bnorm_isa)isa, dt);
-            if (!k) continue;
-            for (int stream = 0; stream <= 1; stream++)
-                for (int mis = 0; mis <= 1; mis++) {
-                    th_buf Y = th_alloc(dt, n, mis ? (int)es : 0);
-                    memset(Y.p, 0x5a, (size_t)n * es);
-                    k->rows_bwd_apply(xp, A.p, NULL, 0, Y.p, NULL, rows, C, mh, ml, sc, sh, k3, stream);
-                    th_load(&Y, got);
-                    int64_t bad = -1;
-                    for (int64_t i = 0; i < n && bad < 0; i++)
-                        if (!same_value(got[i], want[i])) bad = i;
-                    CHECK(bad < 0,
-                          "backward %s isa=%d rows=%lld C=%lld x=%d stream=%d misaligned=%d: value %lld is %a, the "
-                          "scalar variant's %a",
-                          bnorm_dtype_name(dt), isa, (long long)rows, (long long)C, with_x, stream, mis, (long long)bad,
-                          bad < 0 ? 0.0 : got[bad], bad < 0 ? 0.0 : want[bad]);
-                    th_free(&Y);
-                }
-        }
-    }
+    /* the backward apply: dx = dy * k1 - k2 - (x - mh - ml) * k3 (k1, k2 = sc, sh), and dy * k1 without x
+       (eval); A is dy */
+    c.backward = 1;
+    c.add = c.relu = 0;
+    for (c.with_x = 0; c.with_x <= 1; c.with_x++) check_variants(&c, xv, av, want, got);
     th_free(&X);
     th_free(&A);
-    th_free(&W);
     free(xv);
     free(av);
     free(got);
