@@ -10,7 +10,8 @@
  * and other neighbours. Two builds loaded side by side (dlmopen, each in its own link namespace with
  * its own OpenMP runtime, both told not to spin) see the same pages and the same moments: each round
  * runs A and B once, in alternating order, each call after a copy of 64 MiB that evicts the caches.
- * Prints the medians (and quartiles) of A and B and their ratio.
+ * Prints the medians (and quartiles) of A and B and their ratio, then whether one more call of each
+ * gives the same output bits.
  *
  * The tensors start --offset bytes past a 64-byte line (default 0); the caller workspace, of exactly
  * bnorm_workspace_size bytes, starts --ws-offset bytes past a 4 KiB page (default: none, each library
@@ -196,5 +197,35 @@ int main(int argc, char **argv) {
                t[k][rounds / 4] * 1e3, t[k][(3 * rounds) / 4] * 1e3);
     }
     printf("  A / B = %.2f (> 1: B faster)\n", med[0] / med[1]);
+
+    /* Then one more call of each on the same inputs, outputs compared bit for bit: y, or dx, dweight and
+       dbias; a training forward's saved statistics and running statistics (from equal copies) too. */
+    float *o[2], *p[2];
+    for (int k = 0; k < 2; k++) {
+        o[k] = (float *)((char *)xalloc(bytes) + off);
+        p[k] = (float *)xalloc(4 * (size_t)C * sizeof(float));
+        memcpy(p[k] + 2 * C, rm, 2 * (size_t)C * sizeof(float)); /* running mean and var, contiguous */
+        bnorm_status st;
+        if (bwd) {
+            bnorm_backward_args c = ba;
+            c.dx = o[k], c.dweight = p[k], c.dbias = p[k] + C;
+            st = L[k].bwd(&c);
+        } else {
+            bnorm_forward_args c = fa;
+            c.y = o[k];
+            if (!infer) c.save_mean = p[k], c.save_invstd = p[k] + C, c.running_mean = p[k] + 2 * C, c.running_var = p[k] + 3 * C;
+            st = L[k].fwd(&c);
+        }
+        if (st) return 1;
+    }
+    int64_t diff = 0, first = -1;
+    for (int64_t i = 0; i < n; i++)
+        if (memcmp(&o[0][i], &o[1][i], sizeof(float))) diff++, first = first < 0 ? i : first;
+    const int64_t np = bwd ? 2 * C : infer ? 0 : 4 * C;
+    int64_t pdiff = 0;
+    for (int64_t i = 0; i < np; i++) pdiff += memcmp(&p[0][i], &p[1][i], sizeof(float)) != 0;
+    if (!diff && !pdiff) printf("  outputs: identical bit for bit\n");
+    else printf("  outputs: %lld of %lld values differ (first at %lld), %lld of %lld per-channel values\n", (long long)diff,
+                (long long)n, (long long)first, (long long)pdiff, (long long)np);
     return 0;
 }
