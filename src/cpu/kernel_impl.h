@@ -534,6 +534,19 @@ static inline void bn_prefetch_part(const void *p, size_t bytes, int64_t part, i
 static inline int bn_narrow_regs(int64_t C) {
     return BN_ROWS_REGBLOCK && (C == 16 || C == 32 || C == 64) && C <= BN_NARROW_MAX;
 }
+/* Whether every row of C values of es bytes at out starts on a 64-byte line (streamed rows can then
+ * be stored row by row, whole lines from the registers or a row's staging). */
+static inline int bn_rows_on_lines(const void *out, int64_t C, size_t es) {
+    return ((uintptr_t)out & 63) == 0 && ((size_t)C * es) % 64 == 0;
+}
+/* A piece of len values of an output at out, split for stores from the registers: *pre values up to the
+ * first line, *body whole 64-byte lines (values of es bytes, 16 floats a line), the rest after them. */
+static inline void bn_line_split(const void *out, size_t es, int64_t len, int64_t *pre, int64_t *body) {
+    int64_t p = (int64_t)((-(uintptr_t)out & 63) / es);
+    if (p > len) p = len;
+    *pre = p;
+    *body = (len - p) / (int64_t)(64 / es) * (int64_t)(64 / es);
+}
 #endif
 
 /* Streamed float32 rows of any multiple of 16 channels (64-byte aligned output) are stored from the
@@ -799,8 +812,7 @@ static void KN(rows_apply)(const void *xv, void *yv, const void *addv, uint8_t *
     BN_KALIGN KT stage[BN_CHUNK];
     BN_KALIGN KA z[BN_CHUNK];
     const int narrow = C <= BN_CHUNK;
-    if (!mask && bn_narrow_regs(C) &&
-        (!stream || (((uintptr_t)yv & 63) == 0 && ((size_t)C * sizeof(KT)) % 64 == 0))) {
+    if (!mask && bn_narrow_regs(C) && (!stream || bn_rows_on_lines(yv, C, sizeof(KT)))) {
         const KT *x = (const KT *)xv, *add = (const KT *)addv;
         KT *y = (KT *)yv;
         if (C == 64) KN(rows_apply_w64)(x, y, add, rows, mean, mlo, scale, shift, relu, stream);
@@ -809,7 +821,7 @@ static void KN(rows_apply)(const void *xv, void *yv, const void *addv, uint8_t *
         return;
     }
 #if defined(BN_KT_F32) && defined(BN_HAVE_NT_ROWS_F32) && BN_NT_WIDE
-    if (stream && !mask && C % 16 == 0 && ((uintptr_t)yv & 63) == 0) {
+    if (stream && !mask && bn_rows_on_lines(yv, C, sizeof(KT))) {
         bn_nt_wide_rows_f32((const float *)xv, (float *)yv, (const float *)addv, rows, C, mean, mlo, scale, shift,
                             relu);
         return;
@@ -835,9 +847,9 @@ static void KN(rows_apply)(const void *xv, void *yv, const void *addv, uint8_t *
             for (int64_t i0 = 0, len; i0 < n; i0 += len) {
                 len = bn_chunk_len(y + i0, sizeof(KT), n - i0, 1);
                 const int64_t c = i0 % C;
-                int64_t pre = (int64_t)((-(uintptr_t)(y + i0) & 63) / sizeof(KT));
-                if (pre > len) pre = len;
-                const int64_t body = (len - pre) / 16 * 16, post = len - pre - body;
+                int64_t pre, body;
+                bn_line_split(y + i0, sizeof(KT), len, &pre, &body);
+                const int64_t post = len - pre - body;
                 if (pre)
                     KN(run_apply)(x + i0, y + i0, add ? add + i0 : NULL, NULL, 0, 1, pre, cf[0] + c, cf[1] + c,
                                   cf[2] + c, cf[3] + c, relu);
@@ -1016,7 +1028,7 @@ static void KN(rows_bwd_apply)(const void *xv, const void *dyv, const uint8_t *m
     BN_KALIGN KT sda[BN_CHUNK];
     const int narrow = C <= BN_CHUNK;
 #if defined(BN_KT_F32) && defined(BN_HAVE_NT_ROWS_F32) && BN_NT_WIDE
-    if (stream && !mask && !bn_narrow_regs(C) && C % 16 == 0 && ((uintptr_t)dxv & 63) == 0) {
+    if (stream && !mask && !bn_narrow_regs(C) && bn_rows_on_lines(dxv, C, sizeof(KT))) {
         if (dxv)
             bn_nt_wide_bwd_rows_f32((const float *)xv, (const float *)dyv, (float *)dxv, rows, C, mean, mlo, k1, k2,
                                     k3, bn_rows_per_pass(C, 5 * sizeof(KA)) == 4);
@@ -1055,8 +1067,7 @@ static void KN(rows_bwd_apply)(const void *xv, const void *dyv, const uint8_t *m
         }
         return;
     }
-    if (!mask && bn_narrow_regs(C) &&
-        (!stream || (((uintptr_t)dxv & 63) == 0 && ((size_t)C * sizeof(KT)) % 64 == 0))) {
+    if (!mask && bn_narrow_regs(C) && (!stream || bn_rows_on_lines(dxv, C, sizeof(KT)))) {
         if (!dxv) return;
         const KT *x = (const KT *)xv, *dy = (const KT *)dyv;
         KT *dx = (KT *)dxv;
@@ -1082,9 +1093,9 @@ static void KN(rows_bwd_apply)(const void *xv, const void *dyv, const uint8_t *m
             for (int64_t i0 = 0, len; i0 < n; i0 += len) {
                 len = bn_chunk_len(dx + i0, sizeof(KT), n - i0, 1);
                 const int64_t c = i0 % C;
-                int64_t pre = (int64_t)((-(uintptr_t)(dx + i0) & 63) / sizeof(KT));
-                if (pre > len) pre = len;
-                const int64_t body = (len - pre) / 16 * 16, post = len - pre - body;
+                int64_t pre, body;
+                bn_line_split(dx + i0, sizeof(KT), len, &pre, &body);
+                const int64_t post = len - pre - body;
                 if (pre)
                     KN(run_bwd_apply)(x ? x + i0 : NULL, dy + i0, NULL, dx + i0, NULL, pre, cf[0] + c, cf[1] + c,
                                       cf[2] + c, cf[3] + c, cf[4] + c);
