@@ -722,8 +722,8 @@ static void test_interrupted_saves(void) {
             }
             CHECK(st == BNORM_STATUS_IO, "step %d: status %s, want IO", fail_at, bnorm_status_string(st));
             CHECK(strstr(bnorm_last_error(), path) != NULL, "step %d: message %s", fail_at, bnorm_last_error());
-            if (is_new) /* only after the rename: the directory sync */
-                CHECK(strstr(bnorm_last_error(), "directory") != NULL, "step %d: new file but %s", fail_at,
+            if (is_new) /* only after the rename: the close of the synced file, the directory sync */
+                CHECK(strstr(bnorm_last_error(), "saved, but") != NULL, "step %d: new file but %s", fail_at,
                       bnorm_last_error());
             else if (exists)
                 CHECK(is_old, "step %d: an existing destination was changed (%zu bytes)", fail_at, n);

@@ -602,11 +602,12 @@ BNORM_API bnorm_status bnorm_layer_load(bnorm_layer *layer, const char *path, co
  *     multiple of the header's size h (plus the layer's C values), whatever the header holds.
  *   - Save errors: NULL_POINTER (layer, path), INVALID_ARGUMENT (empty path; prefix not valid UTF-8, as
  *     JSON needs), BNORM_STATUS_IO. A failure before the rename removes the temporary file
- *     ("<path>.tmp-<pid>-<n>") and leaves path as it was; a failure to sync the directory after the rename
- *     is reported too, but path then already holds the complete new file. A crash never leaves a partial
- *     path; with O_TMPFILE it leaves no temporary file either (except in the instant between naming the
- *     complete file and the rename), with the named fallback it can leave one. The new file gets mode
- *     0666 minus the umask. */
+ *     ("<path>.tmp-<pid>-<n>") and leaves path as it was; a failure after the rename (closing the synced
+ *     file, syncing the directory) is reported too ("saved, but ..."), but path then already holds the
+ *     complete new file. A crash never leaves a partial path; with O_TMPFILE it leaves no partial
+ *     temporary file either (a kill in the instant between naming the complete file and the rename
+ *     leaves it complete under its temporary name), with the named fallback it can leave one. The new
+ *     file gets mode 0666 minus the umask. */
 
 /* One BN layer found in a state file by bnorm_state_list. */
 typedef struct bnorm_state_entry {

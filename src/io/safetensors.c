@@ -1369,16 +1369,36 @@ retry_named:
         named = 1;
     }
 #endif
-    what = "close";
-    if (st_inject(&step, what)) { err = errno; goto fail; }
-    {
+    if (!anon) { /* a named file is closed before the rename; an anonymous one after it (below) */
+        what = "close";
+        if (st_inject(&step, what)) { err = errno; goto fail; }
         int rc = close(fd);
         fd = -1;
         if (rc != 0) { err = errno; goto fail; }
     }
     what = "rename";
     if (st_inject(&step, what) || rename(tmp, path) != 0) { err = errno; goto fail; }
-    /* from here on the destination holds the complete new file; make the rename itself durable */
+    /* from here on the destination holds the complete new file. The anonymous file's descriptor is
+     * closed only now: nothing but the user-space instructions between linkat and rename is left in
+     * which a kill leaves the temporary name behind (a signal that arrives during a system call is
+     * delivered when the call returns, so a kill during the rename still completes it). Its data
+     * was synced, so a failing close cannot take anything back. */
+    if (fd >= 0) {
+        what = "close";
+        int injected = st_inject(&step, what);
+        if (injected) {
+            err = errno;
+            close(fd);
+        } else if (close(fd) != 0) {
+            err = errno;
+        }
+        fd = -1;
+        if (err) {
+            st = bn_fail(BNORM_STATUS_IO, F, "%s: saved, but close of the synced file failed: %s (the new file is "
+                         "complete)", path, strerror(err));
+            goto out;
+        }
+    }
     what = "open directory";
     int dfd = st_inject(&step, what) ? -1 : open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (dfd < 0) {
