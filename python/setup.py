@@ -18,10 +18,55 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
+def _torch_native():
+    """Compile and link flags for bnorm._autograd (bnorm.torch's native backward node), or None where
+    torch or its C++ headers are missing (Debian: libtorch-dev, pybind11-dev) or BNORM_TORCH_NATIVE=0."""
+    if os.environ.get("BNORM_TORCH_NATIVE", "auto") == "0":
+        return None
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except Exception as e:  # noqa: BLE001 - any failure to import torch means: no native node
+        print("bnorm: torch not importable (%s): bnorm._autograd not built" % e)
+        return None
+    incs = [d for d in cpp_extension.include_paths() + ["/usr/include"] if os.path.isdir(d)]
+    if not any(os.path.exists(os.path.join(d, "torch", "csrc", "autograd", "function.h")) for d in incs) or \
+            not any(os.path.exists(os.path.join(d, "pybind11", "pybind11.h")) for d in incs + ["/usr/include"]):
+        print("bnorm: torch's C++ headers not found (Debian: apt-get install libtorch-dev pybind11-dev): "
+              "bnorm.torch keeps its Python autograd.Function")
+        return None
+    libdirs = [d for d in cpp_extension.library_paths() if os.path.isdir(d)]
+    abi = "1" if torch._C._GLIBCXX_USE_CXX11_ABI else "0"
+    return dict(include_dirs=[d for d in incs if d != "/usr/include"], library_dirs=libdirs,
+                runtime_library_dirs=libdirs, define_macros=[("_GLIBCXX_USE_CXX11_ABI", abi)],
+                libraries=["torch_python", "torch", "torch_cpu", "c10"])
+
+
 class CMakeBuildExt(build_ext):
     """Builds libbnorm.a with CMake first, then links it into the extension."""
 
+    def run(self):
+        # a bnorm._autograd left in build/ by an earlier build must not ship when this build has none (no
+        # headers now, BNORM_TORCH_NATIVE=0, or its optional build failed)
+        if not any(e.name == "bnorm._autograd" for e in self.extensions):
+            self._remove_native()
+        super().run()
+
+    def _remove_native(self):
+        stale = os.path.join(self.build_lib, self.get_ext_filename("bnorm._autograd"))
+        if os.path.exists(stale):
+            os.remove(stale)
+
     def build_extension(self, ext):
+        if ext.name == "bnorm._autograd":  # C++, over bnorm._bnorm's capsule: no library of its own
+            ext.include_dirs.append(os.path.join(ROOT, "include"))
+            ext.include_dirs.append(os.path.join(os.path.abspath(self.build_temp), "libbnorm", "include"))
+            try:
+                super().build_extension(ext)
+            except Exception:
+                self._remove_native()
+                raise
+            return
         build_dir = os.path.abspath(os.path.join(self.build_temp, "libbnorm"))
         os.makedirs(build_dir, exist_ok=True)
         if not os.path.exists(os.path.join(ROOT, "include", "bnorm", "bnorm.h")):
@@ -58,18 +103,31 @@ def _version():
 ext = Extension(
     "bnorm._bnorm",
     sources=["src/_bnorm.c"],
+    depends=["src/bnpy_capi.h"],
     extra_compile_args=["-std=c11", "-O2", "-Wall", "-Wextra"],
     # the static library's symbols stay inside the extension; OpenMP as the library needs
     extra_link_args=["-fopenmp", "-Wl,--exclude-libs,ALL"],
     libraries=["m"],
 )
 
+ext_modules = [ext]
+native = _torch_native()
+if native is not None:
+    ext_modules.append(Extension(
+        "bnorm._autograd",
+        sources=["src/_autograd.cpp"],
+        language="c++",
+        extra_compile_args=["-std=c++17", "-O2", "-Wall", "-Wno-unused-parameter"],
+        depends=["src/bnpy_capi.h"],
+        optional=True,  # a failed build leaves bnorm.torch on its Python Function (the tests say so)
+        **native))
+
 setup(
     name="bnorm",
     version=_version(),
     description="Batch normalization (PyTorch/OneFlow/MegEngine semantics) on numpy arrays and CPU torch tensors",
     packages=["bnorm"],
-    ext_modules=[ext],
+    ext_modules=ext_modules,
     cmdclass={"build_ext": CMakeBuildExt},
     python_requires=">=3.8",
     install_requires=["numpy"],

@@ -6,7 +6,8 @@ set -euo pipefail
 
 pkgs_core=(build-essential cmake pkg-config)
 pkgs_test=(libopenmpi-dev openmpi-bin python3 python3-numpy python3-torch clang libclang-rt-14-dev valgrind zlib1g-dev
-           libcjson-dev python3-dev python3-pip python3-setuptools python3-wheel python3-pytest python3-mpi4py)
+           libcjson-dev python3-dev python3-pip python3-setuptools python3-wheel python3-pytest python3-mpi4py
+           libtorch-dev pybind11-dev)
 pkgs_demo=(zlib1g-dev gnuplot-nox)
 pkgs_mpi=(libopenmpi-dev openmpi-bin zlib1g-dev)
 pkgs_bench=(libdnnl-dev python3-torch gnuplot-nox)

@@ -5,20 +5,33 @@
                                               # parameters, buffers, state_dict, train()/eval()
     y = bnorm.torch.FusedBatchNorm2d(64)(x, addend)   # ReLU(BN(x) + addend) in one pass
 
-Gradients come from a torch.autograd.Function over bnorm_forward/bnorm_backward that saves per call
-what its backward needs, so a module used twice in one graph is differentiated correctly. Inputs are
+Gradients: each call that autograd will differentiate saves what its backward needs, so a module used
+twice in one graph is differentiated correctly. Where the package was built with torch's C++ headers
+(Debian's libtorch-dev and pybind11-dev), the backward is a native autograd node (bnorm._autograd:
+BnormBackward, as torch's own modules have); elsewhere, and for synchronized calls, a
+torch.autograd.Function written in Python (about 8 us more a backward). BNORM_TORCH_NATIVE=0 in the
+environment selects the Function everywhere. Inputs are
 read in place when contiguous (torch.contiguous_format) or channels-last (channels_last,
 channels_last_3d, or any rank whose strides put C innermost); other strides are copied once with
 .contiguous(). float32, float64, float16 and bfloat16 inputs; float16/bfloat16 compute in float32 with
 float32 parameters (parameters of another dtype are converted for the call). Tensors on other devices
 (CUDA, meta) raise a ValueError: keep torch's modules for them.
 """
+import os
+
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.autograd.function import once_differentiable
 
 from . import _bnorm
+
+try:
+    from . import _autograd as _native
+except ImportError:  # built without torch's C++ headers
+    _native = None
+if os.environ.get("BNORM_TORCH_NATIVE", "auto") == "0":
+    _native = None
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "FusedBatchNorm1d", "FusedBatchNorm2d",
            "FusedBatchNorm3d", "SyncBatchNorm", "convert", "batch_norm", "torch_comm"]
@@ -34,7 +47,7 @@ def _like(t, ref):
     if t.dtype == ref.dtype and t.stride() == ref.stride():
         return t
     out = torch.empty_like(ref)
-    out.copy_(t)
+    out.copy_(t.detach())
     return out
 
 
@@ -43,10 +56,11 @@ def _forward(x, weight, bias, addend, running_mean, running_var, training, momen
     """The forward of bnorm.torch: y, and with save what the backward needs (x as read, the weight, the
     saved statistics packed in one tensor, the ReLU mask), or None. nbt: num_batches_tracked or None;
     the C call counts it after a successful training call, and momentum None means 1 / (nbt + 1)."""
-    xd = x if x.is_contiguous() or _bnorm.is_dense(x) else x.contiguous()
+    # conversions detach: the caller's graph (the Function's or the native node) differentiates the call
+    xd = x if x.is_contiguous() or _bnorm.is_dense(x) else x.detach().contiguous()
     pdt = torch.float64 if xd.dtype == torch.float64 else torch.float32
-    w = weight if weight is None or weight.dtype == pdt else weight.to(pdt)
-    b = bias if bias is None or bias.dtype == pdt else bias.to(pdt)
+    w = weight if weight is None or weight.dtype == pdt else weight.detach().to(pdt)
+    b = bias if bias is None or bias.dtype == pdt else bias.detach().to(pdt)
     rm = running_mean if running_mean is None or running_mean.dtype == pdt else running_mean.to(pdt)
     rv = running_var if running_var is None or running_var.dtype == pdt else running_var.to(pdt)
     ad = None if addend is None else _like(addend, xd)
@@ -115,6 +129,18 @@ class _Function(torch.autograd.Function):
         return _backward(ctx, dy)
 
 
+def _apply(x, weight, bias, addend, running_mean, running_var, training, momentum, eps, relu, comm, nbt):
+    """The forward with a graph for autograd: a native BnormBackward node on y where bnorm._autograd is
+    built and the call is not synchronized, else the Python Function."""
+    if _native is None or comm is not None:
+        return _Function.apply(x, weight, bias, addend, running_mean, running_var, training, momentum, eps, relu,
+                               comm, nbt)
+    y, (xd, w, sv, mask) = _forward(x, weight, bias, addend, running_mean, running_var, training, momentum, eps,
+                                    relu, None, nbt, True)
+    _native.attach(y, x, weight, bias, addend, xd, w, sv, mask, not training, eps)
+    return y
+
+
 def _check_device(t, who):
     if not t.is_cpu:
         raise ValueError("%s: bnorm computes on CPU tensors only, got a tensor on '%s'; keep torch's own module "
@@ -131,8 +157,8 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     if not _needs_grad(input, weight, bias, addend):  # nothing to differentiate: no graph, nothing saved
         return _forward(input, weight, bias, addend, running_mean, running_var, bool(training), float(momentum),
                         float(eps), bool(relu), comm, None, False)[0]
-    return _Function.apply(input, weight, bias, addend, running_mean, running_var, bool(training),
-                           float(momentum), float(eps), bool(relu), comm, None)
+    return _apply(input, weight, bias, addend, running_mean, running_var, bool(training), float(momentum),
+                  float(eps), bool(relu), comm, None)
 
 
 class _Mixin:
@@ -175,8 +201,7 @@ class _Mixin:
                 rm = rv = None
         comm = self._bnorm_comm() if bn_training and self._sync else None
         if _needs_grad(input, w, b, addend):
-            return _Function.apply(input, w, b, addend, rm, rv, bn_training, self.momentum, self.eps, relu, comm,
-                                   nbt)
+            return _apply(input, w, b, addend, rm, rv, bn_training, self.momentum, self.eps, relu, comm, nbt)
         # inference under no_grad, frozen parameters and input: no graph, nothing saved
         return _forward(input, w, b, addend, rm, rv, bn_training, self.momentum, self.eps, relu, comm, nbt,
                         False)[0]

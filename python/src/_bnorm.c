@@ -19,6 +19,8 @@
 
 #include <bnorm/bnorm.h>
 
+#include "bnpy_capi.h"
+
 /* --- DLPack (the v0.x ABI that torch 1.10+ and numpy 1.22+ export from __dlpack__()) ----------- */
 typedef struct {
     int32_t device_type; /* 1 = CPU */
@@ -1104,7 +1106,11 @@ PyMODINIT_FUNC PyInit__bnorm(void)
 {
     PyObject *m = PyModule_Create(&module);
     if (!m) return NULL;
-    if (PyModule_AddStringConstant(m, "version", bnorm_version_string()) != 0) {
+    static const bnpy_capi capi = {BNPY_CAPI_VERSION, bnorm_backward, bnorm_last_error};
+    PyObject *cap = PyCapsule_New((void *)&capi, BNPY_CAPI_NAME, NULL);
+    if (PyModule_AddStringConstant(m, "version", bnorm_version_string()) != 0 || !cap ||
+        PyModule_AddObject(m, "_C_API", cap) != 0) {
+        Py_XDECREF(cap);
         Py_DECREF(m);
         return NULL;
     }

@@ -12,6 +12,18 @@ import bnorm
 import bnorm.torch as bt
 from conftest import close, rand_shape
 
+@pytest.fixture(autouse=True, params=["native", "function"])
+def autograd_path(request, monkeypatch):
+    """Every test here runs twice: with the native BnormBackward node (bnorm._autograd, where built) and
+    with the Python torch.autograd.Function."""
+    if request.param == "native":
+        if bt._native is None:
+            pytest.skip("bnorm._autograd not built (no libtorch-dev / pybind11-dev)")
+    else:
+        monkeypatch.setattr(bt, "_native", None)
+    return request.param
+
+
 PAIRS = {2: (bt.BatchNorm1d, nn.BatchNorm1d), 3: (bt.BatchNorm1d, nn.BatchNorm1d), 4: (bt.BatchNorm2d, nn.BatchNorm2d),
          5: (bt.BatchNorm3d, nn.BatchNorm3d)}
 
