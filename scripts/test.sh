@@ -5,7 +5,8 @@
 #      inference example, MPI with real processes, state I/O and its fuzzer, demo and docs/demo.md's
 #      numbers, the installed package's consumers, the README's example and commands, benchmark smoke),
 #   3. installs the Python package (python/) with pip and runs its pytest suite (numpy and torch modules
-#      against PyTorch, SyncBatchNorm over gloo and mpirun + mpi4py),
+#      against PyTorch, SyncBatchNorm over gloo and mpirun + mpi4py), then the torch tests again with
+#      an ASan + UBSan build of the native backward node (scripts/asan_autograd.sh),
 #   4. rebuilds with AddressSanitizer + UndefinedBehaviorSanitizer and runs the suite again,
 #   5. rebuilds the embedding tests with ThreadSanitizer (OpenMP off: libgomp is not instrumented, so
 #      the threads are a caller's pthread pool) and runs them,
@@ -31,6 +32,8 @@ pip_where=(--break-system-packages)
 BNORM_BUILD_JOBS="$jobs" /usr/bin/python3 -m pip install -q --no-build-isolation "${pip_where[@]}" ./python
 # libtorch-dev and pybind11-dev are installed above, so bnorm.torch's native backward node must be built
 (cd python/tests && BNORM_REQUIRE_NATIVE=1 /usr/bin/python3 -m pytest -q -p no:cacheprovider .)
+echo "== Python: bnorm.torch's native backward node under ASan + UBSan =="
+bash scripts/asan_autograd.sh
 
 echo "== build (ASan + UBSan) =="
 cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Debug -DBNORM_SANITIZE=ON -DBNORM_MPI=ON -DBNORM_BUILD_BENCH=OFF >/dev/null
