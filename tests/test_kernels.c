@@ -9,7 +9,7 @@
  * staged and streamed chunks, and the row-by-row walk of wide rows. The data include NaN, infinities,
  * signed zeros and values whose normalized result is -0 or rounds to 0, which the ReLU must turn into
  * +0 (and keep NaN; NaNs compare equal whatever their sign and payload). Outputs are 64-byte aligned (where the streamed paths run) and misaligned by one
- * element (where they must not).
+ * element (where they must not). Also the masked copy of the fused backward on rows (mask_copy).
  */
 #include "harness.h"
 
@@ -138,8 +138,45 @@ static void one_case(bnorm_dtype dt, int64_t rows, int64_t C) {
     free(k3);
 }
 
+/* mask_copy (the fused backward's masked gradient on rows): out = bit ? dy : 0, byte for byte against a
+ * plain loop, for every variant and dtype, at lengths around the vector widths, an output offset by one
+ * element, and nothing written past n. */
+static void test_mask_copy(void) {
+    const bnorm_dtype dts[] = {BNORM_DTYPE_F32, BNORM_DTYPE_F64, BNORM_DTYPE_F16, BNORM_DTYPE_BF16};
+    const int64_t lens[] = {0, 1, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 200, 1031};
+    for (size_t d = 0; d < 4; d++) {
+        const size_t es = bnorm_dtype_size(dts[d]);
+        for (size_t li = 0; li < sizeof lens / sizeof lens[0]; li++) {
+            const int64_t n = lens[li];
+            unsigned char *src = malloc(es * (size_t)(n + 1)), *want = malloc(es * (size_t)(n + 2));
+            unsigned char *got = malloc(es * (size_t)(n + 2)), *bits = calloc((size_t)(n + 7) / 8 + 1, 1);
+            for (size_t i = 0; i < es * (size_t)n; i++) src[i] = (unsigned char)th_randint(0, 255);
+            for (int64_t i = 0; i < n; i++) /* runs of ones and zeros as well as random bits */
+                if (i % 40 < 10 ? 1 : i % 40 < 20 ? 0 : th_randint(0, 1)) bits[i >> 3] |= (unsigned char)(1u << (i & 7));
+            memset(want, 0xAB, es * (size_t)(n + 2));
+            for (int64_t i = 0; i < n; i++) {
+                if ((bits[i >> 3] >> (i & 7)) & 1) memcpy(want + es * (size_t)(i + 1), src + es * (size_t)i, es);
+                else memset(want + es * (size_t)(i + 1), 0, es);
+            }
+            for (int isa = BNORM_ISA_SCALAR; isa <= BNORM_ISA_AVX512; isa++) {
+                const bn_kernels *k = bn_kernels_variant((bnorm_isa)isa, dts[d]);
+                if (!k) continue;
+                memset(got, 0xAB, es * (size_t)(n + 2));
+                k->mask_copy(src, bits, n, got + es); /* one element in: misaligned for every vector width */
+                CHECK(memcmp(got, want, es * (size_t)(n + 2)) == 0, "mask_copy %s isa=%d n=%lld differs",
+                      bnorm_dtype_name(dts[d]), isa, (long long)n);
+            }
+            free(src);
+            free(want);
+            free(got);
+            free(bits);
+        }
+    }
+}
+
 int main(void) {
     th_seed(7);
+    test_mask_copy();
     const bnorm_dtype dts[] = {BNORM_DTYPE_F32, BNORM_DTYPE_F64, BNORM_DTYPE_F16, BNORM_DTYPE_BF16};
     const int64_t chans[] = {16, 32, 64, 1, 3, 17, 48, 96, 256, 300, 1030, 2048};
     for (size_t d = 0; d < 4; d++)

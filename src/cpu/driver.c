@@ -1067,7 +1067,39 @@ typedef struct bn_bwd_ctx {
     /* float64 training backward: delta[c], what the saved double mean's rounding dropped (the mean's
        residual sum (x - mean) / m, measured in a pre-pass); NULL otherwise */
     const double *delta;
+    /* rows with a ReLU mask and an output: the masked gradient g = mask ? dy : 0 is written once into
+       this buffer (daddend, whose value it is, or else dx, which the apply then overwrites in place),
+       and the sums and the apply read it unmasked; NULL otherwise (bn_bwd_masked_rows) */
+    void *gbuf;
 } bn_bwd_ctx;
+
+/* Rows with a ReLU mask (the fused add + ReLU backward, channels-last and (N,C)): the masked kernels
+ * convert the mask bits row by row, which for narrow rows cost more than the data (NHWC 64x32x32x32,
+ * 2 threads: fused backward 3.2 ms against 0.38 ms without the mask). Instead the thread writes g =
+ * mask ? dy : 0 for a piece of its rows (one flat masked copy when the rows' bits are contiguous, C a
+ * multiple of 8), then runs the unmasked sums on it while it is cached, and the apply reads g as dy.
+ * g goes to daddend, whose value it is; without daddend to dx, which the apply overwrites in place
+ * (the element-wise kernels read each value before writing it). The values of g, dx and daddend are
+ * the masked kernels'; the sums add in the unmasked walk's order. */
+static void *bn_bwd_masked_rows(const bnorm_backward_args *a, const bn_geom *g) {
+    if (g->planes || !a->relu_mask) return NULL;
+    return a->daddend ? a->daddend : a->dx;
+}
+
+/* Writes g = mask ? dy : 0 for rows [r0, r0 + nr) into b->gbuf. */
+static void bn_bwd_write_g(const bn_bwd_ctx *b, int64_t r0, int64_t nr, const void *km, const void *kml,
+                           const void *ka) {
+    const bnorm_backward_args *a = b->a;
+    const int64_t C = b->g.C, off = r0 * C;
+    const size_t es = b->g.esize;
+    const uint8_t *mask = (const uint8_t *)a->relu_mask + r0 * b->mask_stride;
+    void *gout = (char *)b->gbuf + off * (int64_t)es;
+    if (C % 8 == 0) /* the rows' bits are contiguous: one flat masked copy */
+        b->k->mask_copy(bn_at(a->dy, off, es), mask, nr * C, gout);
+    else
+        b->k->rows_bwd_apply(NULL, bn_at(a->dy, off, es), mask, b->mask_stride, NULL, gout, nr, C, km, kml, ka, ka,
+                             ka, 0);
+}
 
 static double bn_bwd_mean(const bn_bwd_ctx *b, int64_t c) { return bn_bwd_mean_of(b->a, b->pd, c); }
 static double bn_bwd_invstd(const bn_bwd_ctx *b, int64_t c) { return bn_bwd_invstd_of(b->a, b->pd, c); }
@@ -1476,20 +1508,27 @@ static void bn_bwd_partials_task(void *env_, int t) {
             }
         } else {
             bn_range(g->outer, t, nt, &lo, &hi);
-            int64_t piece = ap ? (int64_t)(BN_EVAL_PIECE / ((size_t)C * es)) : hi - lo;
+            int64_t piece = ap ? (int64_t)(BN_EVAL_PIECE / ((size_t)C * es))
+                            : b->gbuf ? (int64_t)(bn_tuning_get()->apply_piece_bytes / ((size_t)C * es)) : hi - lo;
             if (piece < 1) piece = 1;
             for (int64_t r0 = lo, nr; r0 < hi; r0 += nr) {
                 nr = hi - r0 < piece ? hi - r0 : piece;
                 const int64_t off = r0 * C;
                 const uint8_t *mask = a->relu_mask ? (const uint8_t *)a->relu_mask + r0 * b->mask_stride : NULL;
+                const void *dy = bn_at(a->dy, off, es);
+                if (b->gbuf) { /* g for these rows, then everything unmasked on g */
+                    bn_bwd_write_g(b, r0, nr, co->km, co->kml, co->km);
+                    dy = bn_at(b->gbuf, off, es);
+                    mask = NULL;
+                }
                 if (need_sums)
-                    b->k->rows_bwd_reduce(bn_at(a->x, off, es), bn_at(a->dy, off, es), mask, b->mask_stride, nr, C,
-                                          co->km, co->kml, ps, psx);
-                if (ap)
-                    b->k->rows_bwd_apply(bn_at(b->ax, off, es), bn_at(a->dy, off, es), mask, b->mask_stride,
+                    b->k->rows_bwd_reduce(bn_at(a->x, off, es), dy, mask, b->mask_stride, nr, C, co->km, co->kml, ps,
+                                          psx);
+                if (ap && (!b->gbuf || a->dx))
+                    b->k->rows_bwd_apply(bn_at(b->ax, off, es), dy, mask, b->mask_stride,
                                          a->dx ? (char *)a->dx + off * (int64_t)es : NULL,
-                                         a->daddend ? (char *)a->daddend + off * (int64_t)es : NULL, nr, C, ap->km,
-                                         ap->kml, ap->ka1, ap->ka2, ap->ka3, b->stream);
+                                         a->daddend && !b->gbuf ? (char *)a->daddend + off * (int64_t)es : NULL, nr, C,
+                                         ap->km, ap->kml, ap->ka1, ap->ka2, ap->ka3, b->stream);
             }
         }
         if (ap && b->stream) bn_stream_fence();
@@ -1565,10 +1604,17 @@ static void bn_bwd_apply_split_task(void *env_, int t) {
             for (int64_t r1 = hi; r1 > lo;) {
                 const int64_t r0 = r1 - piece > lo ? r1 - piece : lo, off = r0 * C;
                 const uint8_t *mask = a->relu_mask ? (const uint8_t *)a->relu_mask + r0 * b->mask_stride : NULL;
-                b->k->rows_bwd_apply(bn_at(b->ax, off, es), bn_at(a->dy, off, es), mask, b->mask_stride,
-                                     a->dx ? (char *)a->dx + off * (int64_t)es : NULL,
-                                     a->daddend ? (char *)a->daddend + off * (int64_t)es : NULL, r1 - r0, C, co->km,
-                                     co->kml, co->ka1, co->ka2, co->ka3, b->stream);
+                if (b->gbuf) { /* g (written by the sums pass) as dy, unmasked; daddend already holds it */
+                    if (a->dx)
+                        b->k->rows_bwd_apply(bn_at(b->ax, off, es), bn_at(b->gbuf, off, es), NULL, b->mask_stride,
+                                             (char *)a->dx + off * (int64_t)es, NULL, r1 - r0, C, co->km, co->kml,
+                                             co->ka1, co->ka2, co->ka3, b->stream);
+                } else {
+                    b->k->rows_bwd_apply(bn_at(b->ax, off, es), bn_at(a->dy, off, es), mask, b->mask_stride,
+                                         a->dx ? (char *)a->dx + off * (int64_t)es : NULL,
+                                         a->daddend ? (char *)a->daddend + off * (int64_t)es : NULL, r1 - r0, C,
+                                         co->km, co->kml, co->ka1, co->ka2, co->ka3, b->stream);
+                }
                 r1 = r0;
             }
         }
@@ -1610,6 +1656,7 @@ bnorm_status bn_cpu_backward(const bnorm_plan *p, const bnorm_backward_args *a, 
     b.n_total = (double)b.g.m;
     b.ax = a->use_global_stats ? NULL : a->x;
     b.delta = NULL;
+    b.gbuf = bn_bwd_masked_rows(a, &b.g);
     const bn_geom *g = &b.g;
     const int64_t C = g->C;
     const int nt = p->ex.nt;

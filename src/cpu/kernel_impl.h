@@ -424,6 +424,12 @@ static void KN(seg_bwd_apply)(const void *xv, const void *dyv, const uint8_t *ma
     }
 }
 
+/* g = mask ? dy : 0 over n contiguous values whose bits are contiguous (bit patterns: the masked
+ * kernels' KST(KLD(dy)), except that a signaling NaN of float16/bfloat16 storage keeps its payload). */
+static void KN(mask_copy)(const void *dyv, const uint8_t *mask, int64_t n, void *outv) {
+    bn_mask_copy(dyv, mask, n, outv, sizeof(KT));
+}
+
 static void KN(rows_sum)(const void *xv, int64_t rows, int64_t C, double *acc) {
     const KT *x = (const KT *)xv;
     for (int64_t r = 0; r < rows; r++) {

@@ -118,7 +118,8 @@ static inline uint16_t bn_f16_st(float f) {
     {seg_stats_##sfx,       seg_stats_acc_##sfx,   seg_apply_##sfx,       planes_apply_##sfx,       seg_bwd_reduce_##sfx, seg_bwd_apply_##sfx,          \
      rows_sum_##sfx,        rows_dev_##sfx,        rows_stats_##sfx,     rows_apply_##sfx,     rows_bwd_reduce_##sfx,        \
      rows_bwd_apply_##sfx,  run_stats_##sfx,       run_apply_##sfx,      run_mask_u8_##sfx,                \
-     run_bwd_reduce_##sfx,  run_bwd_apply_##sfx,   to_f32_##sfx,         from_f32_##sfx}
+     run_bwd_reduce_##sfx,  run_bwd_apply_##sfx,   to_f32_##sfx,         from_f32_##sfx,                   \
+     mask_copy_##sfx}
 
 const bn_kernels BN_TABLE[4] = {
     [BNORM_DTYPE_F32] = BN_TABLE_ENTRY(f32),

@@ -73,6 +73,9 @@ typedef struct bn_kernels {
     /* Storage <-> float32 conversion of n values (identity copies for F32; NULL for F64). */
     void (*to_f32)(const void *src, float *dst, int64_t n);
     void (*from_f32)(const float *src, void *dst, int64_t n);
+    /* out = mask bit ? dy : 0 over n contiguous values with contiguous mask bits (the masked gradient of
+     * the fused ReLU, written once for the rows backward; driver.c, bn_bwd_masked_rows). */
+    void (*mask_copy)(const void *dy, const uint8_t *mask, int64_t n, void *out);
 } bn_kernels;
 
 /* Schedule parameters of this CPU (tuning.c), settled once per process. */

@@ -11,6 +11,9 @@
  *   bn_gt0_bits_f32/_f64(z, n, bits) bit j of bits = (z[j] > 0), n values, ceil(n/8) bytes written
  *                                     (the unused high bits of the last byte are 0).
  *   bn_bits_to_u8(bits, n, out)       out[j] = bit j of bits (0 or 1), n values.
+ *   bn_mask_copy(src, bits, n, dst, es)
+ *                                     dst[j] = bit j of bits ? src[j] : 0 (all bits zero), n elements
+ *                                     of es = 2, 4 or 8 bytes copied as bit patterns.
  *
  * Every definition gives identical results (they only move or compare values).
  */
@@ -239,6 +242,48 @@ static inline void bn_bits_to_u8(const uint8_t *bits, int64_t n, uint8_t *out) {
         memcpy(out + i, &v, 8);
     }
     for (; i < n; i++) out[i] = (uint8_t)((bits[i >> 3] >> (i & 7)) & 1);
+}
+
+static inline void bn_mask_copy(const void *src, const uint8_t *bits, int64_t n, void *dst, size_t es) {
+    int64_t i = 0;
+    const char *s = (const char *)src;
+    char *d = (char *)dst;
+#if defined(__AVX512F__)
+    if (es == 4) {
+        for (; i + 16 <= n; i += 16) {
+            uint16_t k;
+            memcpy(&k, bits + (i >> 3), 2);
+            _mm512_storeu_si512((void *)(d + 4 * i), _mm512_maskz_loadu_epi32((__mmask16)k, s + 4 * i));
+        }
+    } else if (es == 8) {
+        for (; i + 8 <= n; i += 8)
+            _mm512_storeu_si512((void *)(d + 8 * i), _mm512_maskz_loadu_epi64((__mmask8)bits[i >> 3], s + 8 * i));
+    }
+#if defined(__AVX512BW__)
+    else if (es == 2) {
+        for (; i + 32 <= n; i += 32) {
+            uint32_t k;
+            memcpy(&k, bits + (i >> 3), 4);
+            _mm512_storeu_si512((void *)(d + 2 * i), _mm512_maskz_loadu_epi16((__mmask32)k, s + 2 * i));
+        }
+    }
+#endif
+#elif defined(__AVX2__)
+    if (es == 4) { /* lane j keeps its value when bit j of the byte is set */
+        const __m256i sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+        for (; i + 8 <= n; i += 8) {
+            const __m256i b = _mm256_and_si256(_mm256_set1_epi32(bits[i >> 3]), sel);
+            const __m256i keep = _mm256_cmpeq_epi32(b, sel);
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(const void *)(s + 4 * i));
+            _mm256_storeu_si256((__m256i *)(void *)(d + 4 * i), _mm256_and_si256(v, keep));
+        }
+    }
+#endif
+    for (; i < n; i++) {
+        const int on = (bits[i >> 3] >> (i & 7)) & 1;
+        if (on) memcpy(d + es * (size_t)i, s + es * (size_t)i, es);
+        else memset(d + es * (size_t)i, 0, es);
+    }
 }
 
 /* bits of z > 0 for a compute-type array (float or double) */
