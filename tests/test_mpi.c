@@ -664,6 +664,34 @@ static void test_mismatch(void) {
                 CHECK(untouched(&s), "[rank %d] operation mismatch wrote outputs", g_rank);
             }
         }
+        /* the same with the fused ReLU backward on channels-last rows (mask, dx and daddend), whose
+           single-process path writes the masked gradient before the sums */
+        {
+            bnorm_desc dl = d;
+            dl.layout = BNORM_LAYOUT_CHANNELS_LAST;
+            double dy[128], dx[128], da[128], dw[3], db[3], mean[3] = {0, 0, 0}, inv[3] = {1, 1, 1};
+            unsigned char mask[64], pat[sizeof dx];
+            for (int i = 0; i < 128; i++) dy[i] = r_normal();
+            for (int i = 0; i < 64; i++) mask[i] = (unsigned char)(0x35 + 17 * i);
+            memset(dx, 0x5A, sizeof dx);
+            memset(da, 0x5A, sizeof da);
+            memset(dw, 0x5A, sizeof dw);
+            memset(db, 0x5A, sizeof db);
+            memset(pat, 0x5A, sizeof pat);
+            CHECK(bnorm_relu_mask_size(&dl) <= sizeof mask, "mask size %zu", bnorm_relu_mask_size(&dl));
+            if (r0) {
+                bnorm_backward_args ba = {.desc = dl, .x = x, .dy = dy, .dx = dx, .mean = mean, .invstd = inv,
+                                          .relu_mask = mask, .daddend = da, .dweight = dw, .dbias = db,
+                                          .comm = comm};
+                CHECK_STATUS(bnorm_backward(&ba), BNORM_STATUS_COMM_MISMATCH);
+                CHECK(memcmp(dx, pat, sizeof dx) == 0 && memcmp(da, pat, sizeof da) == 0 &&
+                          memcmp(dw, pat, sizeof dw) == 0 && memcmp(db, pat, sizeof db) == 0,
+                      "[rank %d] operation mismatch wrote fused backward outputs", g_rank);
+            } else {
+                CHECK_STATUS(poisoned_forward(&d, comm, 0, 1, &s, x), BNORM_STATUS_COMM_MISMATCH);
+                CHECK(untouched(&s), "[rank %d] operation mismatch wrote outputs", g_rank);
+            }
+        }
         /* the communicator still works after a detected mismatch */
         CHECK_STATUS(poisoned_forward(&d, comm, 0, 1, &s, x), BNORM_STATUS_OK);
     }

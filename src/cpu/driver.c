@@ -1081,8 +1081,10 @@ typedef struct bn_bwd_ctx {
  * g goes to daddend, whose value it is; without daddend to dx, which the apply overwrites in place
  * (the element-wise kernels read each value before writing it). The values of g, dx and daddend are
  * the masked kernels'; the sums add in the unmasked walk's order. */
-static void *bn_bwd_masked_rows(const bnorm_backward_args *a, const bn_geom *g) {
-    if (g->planes || !a->relu_mask) return NULL;
+static void *bn_bwd_masked_rows(const bnorm_backward_args *a, const bn_geom *g, const bnorm_comm *comm) {
+    /* with a communicator the sums come before the collective, which may still fail, and a failed call
+       writes nothing (docs/design.md): the synchronized backward keeps the masked kernels */
+    if (g->planes || !a->relu_mask || comm) return NULL;
     return a->daddend ? a->daddend : a->dx;
 }
 
@@ -1656,7 +1658,7 @@ bnorm_status bn_cpu_backward(const bnorm_plan *p, const bnorm_backward_args *a, 
     b.n_total = (double)b.g.m;
     b.ax = a->use_global_stats ? NULL : a->x;
     b.delta = NULL;
-    b.gbuf = bn_bwd_masked_rows(a, &b.g);
+    b.gbuf = bn_bwd_masked_rows(a, &b.g, p->comm);
     const bn_geom *g = &b.g;
     const int64_t C = g->C;
     const int nt = p->ex.nt;
