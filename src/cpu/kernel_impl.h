@@ -348,22 +348,32 @@ static void KN(seg_bwd_reduce)(const void *xv, const void *dyv, const uint8_t *m
     const KA mean = (KA)meand, mlo = (KA)(meand - (double)mean);
     double a = 0, b = 0;
     if (mask) {
-        /* masked g first (a select the compiler vectorizes), then the plain double reduction */
-        uint8_t m[BN_CHUNK];
-        KA gm[BN_CHUNK];
+        /* masked g of a chunk first (mask_copy), then the sums in BN_ACC lanes like the unmasked walk (a
+           single vector accumulator per sum was bound by the latency of its adds) */
+        BN_KALIGN KT gk[BN_CHUNK];
+        double va[BN_ACC], vb[BN_ACC];
+        for (int j = 0; j < BN_ACC; j++) va[j] = vb[j] = 0;
         for (int64_t i0 = 0; i0 < n; i0 += BN_CHUNK) {
-            const int64_t len = n - i0 < BN_CHUNK ? n - i0 : BN_CHUNK;
-            const KT *xc = x + i0, *gc = dy + i0;
-            bn_bits_to_u8(mask + (i0 >> 3), len, m);
+            const int64_t len = n - i0 < BN_CHUNK ? n - i0 : BN_CHUNK, lb = len - len % BN_ACC;
+            const KT *xc = x + i0;
+            bn_mask_copy(dy + i0, mask + (i0 >> 3), len, gk, sizeof(KT));
+            for (int64_t i = 0; i < lb; i += BN_ACC) {
 #pragma omp simd
-            for (int64_t i = 0; i < len; i++) gm[i] = m[i] ? KLD(gc[i]) : (KA)0;
+                for (int j = 0; j < BN_ACC; j++) {
+                    double g = (double)KLD(gk[i + j]);
+                    va[j] += g;
+                    vb[j] += g * (double)(KLD(xc[i + j]) - mean - mlo);
+                }
+            }
 #pragma omp simd reduction(+ : a, b)
-            for (int64_t i = 0; i < len; i++) {
-                double g = (double)gm[i];
+            for (int64_t i = lb; i < len; i++) {
+                double g = (double)KLD(gk[i]);
                 a += g;
                 b += g * (double)(KLD(xc[i]) - mean - mlo);
             }
         }
+        a += bn_acc_total(va);
+        b += bn_acc_total(vb);
     } else {
         const int64_t nb = n < 4 * BN_ACC ? 0 : n - n % BN_ACC;
         double va[BN_ACC], vb[BN_ACC];
