@@ -1089,8 +1089,7 @@ static void *bn_bwd_masked_rows(const bnorm_backward_args *a, const bn_geom *g, 
 }
 
 /* Writes g = mask ? dy : 0 for rows [r0, r0 + nr) into b->gbuf. */
-static void bn_bwd_write_g(const bn_bwd_ctx *b, int64_t r0, int64_t nr, const void *km, const void *kml,
-                           const void *ka) {
+static void bn_bwd_write_g(const bn_bwd_ctx *b, int64_t r0, int64_t nr, const void *km, const void *kml) {
     const bnorm_backward_args *a = b->a;
     const int64_t C = b->g.C, off = r0 * C;
     const size_t es = b->g.esize;
@@ -1099,8 +1098,9 @@ static void bn_bwd_write_g(const bn_bwd_ctx *b, int64_t r0, int64_t nr, const vo
     if (C % 8 == 0) /* the rows' bits are contiguous: one flat masked copy */
         b->k->mask_copy(bn_at(a->dy, off, es), mask, nr * C, gout);
     else
-        b->k->rows_bwd_apply(NULL, bn_at(a->dy, off, es), mask, b->mask_stride, NULL, gout, nr, C, km, kml, ka, ka,
-                             ka, 0);
+        /* daddend only: the coefficients are not read (any valid arrays) */
+        b->k->rows_bwd_apply(NULL, bn_at(a->dy, off, es), mask, b->mask_stride, NULL, gout, nr, C, km, kml, km, km,
+                             km, 0);
 }
 
 static double bn_bwd_mean(const bn_bwd_ctx *b, int64_t c) { return bn_bwd_mean_of(b->a, b->pd, c); }
@@ -1519,7 +1519,7 @@ static void bn_bwd_partials_task(void *env_, int t) {
                 const uint8_t *mask = a->relu_mask ? (const uint8_t *)a->relu_mask + r0 * b->mask_stride : NULL;
                 const void *dy = bn_at(a->dy, off, es);
                 if (b->gbuf) { /* g for these rows, then everything unmasked on g */
-                    bn_bwd_write_g(b, r0, nr, co->km, co->kml, co->km);
+                    bn_bwd_write_g(b, r0, nr, co->km, co->kml);
                     dy = bn_at(b->gbuf, off, es);
                     mask = NULL;
                 }
@@ -1606,17 +1606,13 @@ static void bn_bwd_apply_split_task(void *env_, int t) {
             for (int64_t r1 = hi; r1 > lo;) {
                 const int64_t r0 = r1 - piece > lo ? r1 - piece : lo, off = r0 * C;
                 const uint8_t *mask = a->relu_mask ? (const uint8_t *)a->relu_mask + r0 * b->mask_stride : NULL;
-                if (b->gbuf) { /* g (written by the sums pass) as dy, unmasked; daddend already holds it */
-                    if (a->dx)
-                        b->k->rows_bwd_apply(bn_at(b->ax, off, es), bn_at(b->gbuf, off, es), NULL, b->mask_stride,
-                                             (char *)a->dx + off * (int64_t)es, NULL, r1 - r0, C, co->km, co->kml,
-                                             co->ka1, co->ka2, co->ka3, b->stream);
-                } else {
-                    b->k->rows_bwd_apply(bn_at(b->ax, off, es), bn_at(a->dy, off, es), mask, b->mask_stride,
-                                         a->dx ? (char *)a->dx + off * (int64_t)es : NULL,
-                                         a->daddend ? (char *)a->daddend + off * (int64_t)es : NULL, r1 - r0, C,
-                                         co->km, co->kml, co->ka1, co->ka2, co->ka3, b->stream);
-                }
+                /* with gbuf: g (written by the sums pass) as dy, unmasked; daddend already holds it */
+                void *dadd = a->daddend && !b->gbuf ? (char *)a->daddend + off * (int64_t)es : NULL;
+                if (a->dx || dadd)
+                    b->k->rows_bwd_apply(bn_at(b->ax, off, es), bn_at(b->gbuf ? b->gbuf : a->dy, off, es),
+                                         b->gbuf ? NULL : mask, b->mask_stride,
+                                         a->dx ? (char *)a->dx + off * (int64_t)es : NULL, dadd, r1 - r0, C, co->km,
+                                         co->kml, co->ka1, co->ka2, co->ka3, b->stream);
                 r1 = r0;
             }
         }
