@@ -16,6 +16,11 @@ from torch import nn
 import bnorm.torch as bt
 
 
+def say(line):
+    # one write(2) per line: the two processes share the pipe, and print() may split a line in two writes
+    os.write(1, (line + "\n").encode())
+
+
 def worker(rank, world, port):
     dist.init_process_group("gloo", init_method="tcp://127.0.0.1:%d" % port, rank=rank, world_size=world)
     torch.manual_seed(0)
@@ -25,8 +30,7 @@ def worker(rank, world, port):
     y = model(part)
     y.square().sum().backward()
     bn = model[1]
-    print("rank %d: local batch %d, running_mean %s" % (rank, len(part), bn.running_mean.numpy().round(4)),
-          flush=True)
+    say("rank %d: local batch %d, running_mean %s" % (rank, len(part), bn.running_mean.numpy().round(4)))
     if rank == 0:
         ref = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
         ref.load_state_dict({k: v for k, v in model.state_dict().items()})
@@ -34,7 +38,7 @@ def worker(rank, world, port):
         ref[1].running_var.fill_(1)
         ref[1].num_batches_tracked.zero_()
         ref(x)
-        print("one process on all 8: running_mean %s" % ref[1].running_mean.numpy().round(4), flush=True)
+        say("one process on all 8: running_mean %s" % ref[1].running_mean.numpy().round(4))
     dist.destroy_process_group()
 
 
