@@ -506,13 +506,26 @@ static inline void bn_prefetch_bytes(const void *p, size_t bytes) {
 #endif
 /* Row-by-row sums keep per-channel accumulators in memory: each row costs a load and a store of two
  * doubles per channel. When the accumulators and coefficients of a row (acc_bytes per channel) take
- * more than a quarter of the L1 data cache, the walk adds four rows per pass instead (the stores, which
- * bound it, divided by four): on the EPYC, float32 backward sums in isolation at 2 threads, C = 1024
- * went from 26-31 to 52-60 GB/s and C = 2048 from 30-34 to 64-79 GB/s, while up to C = 512 one row
- * per pass stays faster (52-74 against 31-51 GB/s; docs/performance.md, tuning rule). Returns 4 or 1. */
+ * more than a quarter of the L1 data cache, the walk adds several rows per pass instead (the
+ * accumulators' loads and stores, which bound it, divided by their number): on the EPYC, float32
+ * backward sums in isolation at 2 threads, C = 1024 went from 26-31 to 52-60 GB/s and C = 2048 from
+ * 30-34 to 64-79 GB/s with four rows, while up to C = 512 one row per pass stays faster (52-74 against
+ * 31-51 GB/s; docs/performance.md, tuning rule). Returns 4 or 1: 4 means "several" (four rows for
+ * the backward sums, BN_STATS_PASS for the statistics). */
 static inline int bn_rows_per_pass(int64_t C, size_t acc_bytes) {
     return (size_t)C * acc_bytes > bn_tuning_get()->l1d_or_default / 4 ? 4 : 1;
 }
+/* Rows a pass of the wide-row statistics (session 11, EPYC, 2 threads, float32): in isolation with the
+ * caches evicted (medians of 15), C = 1024 and 2048 took 0.65-0.70 ms with four rows a pass (their sums
+ * added pairwise), 0.47-0.49 with eight and 0.445 with sixteen, against 0.26-0.30 ms for a plain read
+ * of the same 25.7 MB; the whole NHWC training forward, in-process A/B against four rows (bnorm_ab, 15
+ * rounds, 3 runs each): 32x1024x14x14 1.12-1.16x, 32x2048x7x7 1.02-1.19x, 4096x1024 1.10-1.17x. A pass
+ * adds its rows into two registers per channel vector in row order, then once into the accumulators.
+ * The backward sums stay at four rows: eight measured 1.10-1.16x faster in isolation but 0.92-1.05x in
+ * the whole backward (docs/performance.md, session 11). */
+#ifndef BN_STATS_PASS
+#define BN_STATS_PASS 16
+#endif
 static inline int bn_pf_spread(int64_t row_bytes) { return BN_PF_SPREAD > 0 && row_bytes >= BN_PF_SPREAD; }
 static inline void bn_prefetch_part(const void *p, size_t bytes, int64_t part, int64_t parts) {
     if (!p) return;
@@ -701,6 +714,23 @@ static inline void KN(row_stats_span)(const KT *xr, int64_t c0, int64_t c1, cons
     }
 }
 
+/* The shifted sums of nj consecutive rows from x0 (wide rows): per channel, the rows' d and d * d
+ * added in row order in registers, then once into s1 and s2 (BN_STATS_PASS). */
+static inline void KN(rows_stats_pass)(const KT *x0, int64_t nj, int64_t C, const KA *k, double *s1, double *s2) {
+#pragma omp simd
+    for (int64_t c = 0; c < C; c++) {
+        const double kc = (double)k[c];
+        double a = 0, b = 0;
+        for (int64_t j = 0; j < nj; j++) {
+            const double d = (double)KLD(x0[j * C + c]) - kc;
+            a += d;
+            BN_SQ_ACC(b, d);
+        }
+        s1[c] += a;
+        s2[c] += b;
+    }
+}
+
 static void KN(rows_stats)(const void *xv, int64_t rows, int64_t C, const void *kv, double *s1, double *s2) {
     const KT *x = (const KT *)xv;
     const KA *k = (const KA *)kv;
@@ -712,19 +742,9 @@ static void KN(rows_stats)(const void *xv, int64_t rows, int64_t C, const void *
     }
     if (!BN_ROWS_REGBLOCK || (size_t)C * sizeof(KT) <= bn_tuning_get()->row_walk_max_bytes) { /* row by row */
         int64_t rq = 0;
-        if (bn_rows_per_pass(C, 2 * sizeof(double) + sizeof(KA)) == 4) { /* four rows a pass, no chunks */
-            for (; rq + 4 <= rows; rq += 4) {
-                const KT *x0 = x + rq * C, *x1 = x0 + C, *x2 = x1 + C, *x3 = x2 + C;
-#pragma omp simd
-                for (int64_t c = 0; c < C; c++) {
-                    const double kc = (double)k[c];
-                    const double d0 = (double)KLD(x0[c]) - kc, d1 = (double)KLD(x1[c]) - kc;
-                    const double d2 = (double)KLD(x2[c]) - kc, d3 = (double)KLD(x3[c]) - kc;
-                    s1[c] += (d0 + d1) + (d2 + d3);
-                    s2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
-                }
-            }
-            for (; rq < rows; rq++) KN(row_stats_span)(x + rq * C, 0, C, k, s1, s2);
+        if (bn_rows_per_pass(C, 2 * sizeof(double) + sizeof(KA)) == 4) { /* BN_STATS_PASS rows a pass */
+            for (; rq + BN_STATS_PASS <= rows; rq += BN_STATS_PASS) KN(rows_stats_pass)(x + rq * C, BN_STATS_PASS, C, k, s1, s2);
+            if (rq < rows) KN(rows_stats_pass)(x + rq * C, rows - rq, C, k, s1, s2);
             return;
         }
         for (int64_t r = 0; r < rows; r++) KN(row_stats_span)(x + r * C, 0, C, k, s1, s2);
