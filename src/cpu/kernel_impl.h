@@ -521,7 +521,7 @@ static inline int bn_rows_per_pass(int64_t C, size_t acc_bytes) {
  * of the same 25.7 MB; the whole NHWC training forward, in-process A/B against four rows (bnorm_ab, 15
  * rounds, 3 runs each): 32x1024x14x14 1.12-1.16x, 32x2048x7x7 1.02-1.19x, 4096x1024 1.10-1.17x. A pass
  * adds its rows into two registers per channel vector in row order, then once into the accumulators.
- * The backward sums stay at four rows: eight measured 1.10-1.16x faster in isolation but 0.92-1.05x in
+ * The backward sums stay at four rows: eight measured 1.10-1.18x faster in isolation but 0.92-1.05x in
  * the whole backward (docs/performance.md, session 11). */
 #ifndef BN_STATS_PASS
 #define BN_STATS_PASS 16
