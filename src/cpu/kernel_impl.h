@@ -506,14 +506,14 @@ static inline void bn_prefetch_bytes(const void *p, size_t bytes) {
 #endif
 /* Row-by-row sums keep per-channel accumulators in memory: each row costs a load and a store of two
  * doubles per channel. When the accumulators and coefficients of a row (acc_bytes per channel) take
- * more than a quarter of the L1 data cache, the walk adds several rows per pass instead (the
- * accumulators' loads and stores, which bound it, divided by their number): on the EPYC, float32
- * backward sums in isolation at 2 threads, C = 1024 went from 26-31 to 52-60 GB/s and C = 2048 from
- * 30-34 to 64-79 GB/s with four rows, while up to C = 512 one row per pass stays faster (52-74 against
- * 31-51 GB/s; docs/performance.md, tuning rule). Returns 4 or 1: 4 means "several" (four rows for
- * the backward sums, BN_STATS_PASS for the statistics). */
-static inline int bn_rows_per_pass(int64_t C, size_t acc_bytes) {
-    return (size_t)C * acc_bytes > bn_tuning_get()->l1d_or_default / 4 ? 4 : 1;
+ * more than a quarter of the L1 data cache, the row is "wide" and the walk adds several rows per pass
+ * instead (the accumulators' loads and stores, which bound it, divided by their number): on the EPYC,
+ * float32 backward sums in isolation at 2 threads, C = 1024 went from 26-31 to 52-60 GB/s and C = 2048
+ * from 30-34 to 64-79 GB/s with four rows, while up to C = 512 one row per pass stays faster (52-74
+ * against 31-51 GB/s; docs/performance.md, tuning rule). Wide rows take BN_STATS_PASS rows a pass for
+ * the statistics and four for the backward sums and apply. */
+static inline int bn_rows_wide(int64_t C, size_t acc_bytes) {
+    return (size_t)C * acc_bytes > bn_tuning_get()->l1d_or_default / 4;
 }
 /* Rows a pass of the wide-row statistics (session 11, EPYC, 2 threads, float32): in isolation with the
  * caches evicted (medians of 15), C = 1024 and 2048 took 0.65-0.70 ms with four rows a pass (their sums
@@ -742,8 +742,9 @@ static void KN(rows_stats)(const void *xv, int64_t rows, int64_t C, const void *
     }
     if (!BN_ROWS_REGBLOCK || (size_t)C * sizeof(KT) <= bn_tuning_get()->row_walk_max_bytes) { /* row by row */
         int64_t rq = 0;
-        if (bn_rows_per_pass(C, 2 * sizeof(double) + sizeof(KA)) == 4) { /* BN_STATS_PASS rows a pass */
-            for (; rq + BN_STATS_PASS <= rows; rq += BN_STATS_PASS) KN(rows_stats_pass)(x + rq * C, BN_STATS_PASS, C, k, s1, s2);
+        if (bn_rows_wide(C, 2 * sizeof(double) + sizeof(KA))) { /* BN_STATS_PASS rows a pass */
+            for (; rq + BN_STATS_PASS <= rows; rq += BN_STATS_PASS)
+                KN(rows_stats_pass)(x + rq * C, BN_STATS_PASS, C, k, s1, s2);
             if (rq < rows) KN(rows_stats_pass)(x + rq * C, rows - rq, C, k, s1, s2);
             return;
         }
@@ -958,7 +959,7 @@ static void KN(rows_bwd_reduce)(const void *xv, const void *dyv, const uint8_t *
         return;
     }
     int64_t r0 = 0;
-    if (!mask && bn_rows_per_pass(C, 2 * sizeof(double) + 2 * sizeof(KA)) == 4) { /* four rows a pass */
+    if (!mask && bn_rows_wide(C, 2 * sizeof(double) + 2 * sizeof(KA))) { /* four rows a pass */
         for (; r0 + 4 <= rows; r0 += 4) {
             const KT *x0 = (const KT *)xv + r0 * C, *g0 = (const KT *)dyv + r0 * C;
             const KT *x1 = x0 + C, *x2 = x1 + C, *x3 = x2 + C, *g1 = g0 + C, *g2 = g1 + C, *g3 = g2 + C;
@@ -1067,15 +1068,15 @@ static void KN(rows_bwd_apply)(const void *xv, const void *dyv, const uint8_t *m
     if (stream && !mask && !bn_narrow_regs(C) && bn_rows_on_lines(dxv, C, sizeof(KT))) {
         if (dxv)
             bn_nt_wide_bwd_rows_f32((const float *)xv, (const float *)dyv, (float *)dxv, rows, C, mean, mlo, k1, k2,
-                                    k3, bn_rows_per_pass(C, 5 * sizeof(KA)) == 4);
+                                    k3, bn_rows_wide(C, 5 * sizeof(KA)));
         return;
     }
 #endif
     /* Wide rows: four rows per chunk of channels, each channel's five coefficients loaded once for the
-       four rows (bn_rows_per_pass): seven loads per value one row at a time, three here, and the
+       four rows (bn_rows_wide): seven loads per value one row at a time, three here, and the
        apply is bound by its loads (EPYC, float32 C = 2048, 2 threads: 0.61-0.65 -> 0.46-0.50 ms;
        C = 1024: 0.99-1.01 -> 0.81 ms). Streamed chunks start on output lines when rows are whole lines. */
-    if (!mask && !narrow && bn_rows_per_pass(C, 5 * sizeof(KA)) == 4 && (!stream || (C * sizeof(KT)) % 64 == 0)) {
+    if (!mask && !narrow && bn_rows_wide(C, 5 * sizeof(KA)) && (!stream || (C * sizeof(KT)) % 64 == 0)) {
         if (!dxv) return;
         const KT *x = (const KT *)xv, *dy = (const KT *)dyv;
         KT *dx = (KT *)dxv;

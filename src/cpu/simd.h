@@ -130,7 +130,7 @@ static inline void bn_nt_wide_rows_f32(const float *x, float *y, const float *ad
 
 /* The backward apply on rows of C float32 values (C a multiple of 16, dx 64-byte aligned), stored from the
  * registers: dx = g * k1 - k2 - (x - mh - ml) * k3, or g * k1 without x; with `four`, four rows per
- * pass, each vector of coefficients loaded once for the four (kernel_impl.h's bn_rows_per_pass). */
+ * pass, each vector of coefficients loaded once for the four (kernel_impl.h's bn_rows_wide). */
 static inline void bn_nt_wide_bwd_rows_f32(const float *x, const float *dy, float *dx, int64_t rows, int64_t C,
                                            const float *mh, const float *ml, const float *k1, const float *k2,
                                            const float *k3, int four) {

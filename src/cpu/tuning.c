@@ -100,7 +100,7 @@ static void bn_tuning_detect(bn_tuning *t) {
        - rows walk: register-blocked columns (a block of 16 channels down a group of rows) measured
          faster on the Xeon for narrow rows; on the EPYC (Zen 5) that walk reads one line per row at a
          256-byte stride and ran the C = 64 backward sums at 7.9 ms against 5.4 ms row by row, and
-         with wide rows added four to a pass (kernel_impl.h, bn_rows_per_pass) the row walk is as
+         with wide rows added four to a pass (kernel_impl.h, bn_rows_wide) the row walk is as
          fast or faster at every width measured (float32 NHWC training forward, 2 threads: C = 1024
          1.17-1.37 ms against 1.62-1.87 ms in blocks, C = 2048 0.50-0.52 against 0.52-0.57, C = 4096
          level; bfloat16 C = 4096 0.59-0.61 against 1.17-1.18), so AMD parts walk every row width
@@ -120,8 +120,8 @@ static void bn_tuning_detect(bn_tuning *t) {
     t->apply_back_to_front = t->vendor != BN_VENDOR_AMD;
     t->row_walk_max_bytes = t->vendor == BN_VENDOR_AMD ? ~(size_t)0 >> 1 : 0;
     /* Streaming (non-temporal) stores of rows outputs: from 1 MiB on Intel (docs/performance.md note 22,
-       the Xeon). On AMD from half the L3 (of the core's CCX), 16 MiB when the L3 is unknown (Zen 3-5
-       CCXs have 32 MiB; strictly more than half, so that x and y no longer fit together): the EPYC VM,
+       the Xeon). On AMD, until session 11, above half the L3 of the core's CCX (32 MiB when the L3 is
+       unknown: Zen 3-5 CCXs have 32 MiB), where x and y no longer fit it together: the EPYC VM,
        env A/B in one window, measured outputs of 3.2-12.8 MiB written through the cache faster (NHWC inference 32x256x14x14 0.97-1.13 -> 1.26-1.47x of oneDNN,
        32x512x7x7 0.79-0.97 -> 1.13-1.16x, 32x128x28x28 training forward 0.77-0.81 -> 0.98-1.08x),
        12.8 MiB at C = 2048 level, 16 MiB (4096x1024) backward 0.75-0.82x streamed against 0.81-0.90x,
@@ -143,7 +143,7 @@ static void bn_tuning_detect(bn_tuning *t) {
        (32x512x7x7, 32x256x14x14, 32x128x28x28). The forward keeps its threshold: streaming those
        outputs measured 0.94-0.99x in training and 0.98-1.11x in inference. */
     t->stream_rows_bwd_min_bytes =
-        t->vendor == BN_VENDOR_AMD ? (l3_or_default / 2 + 1) / 3 + 1 : t->stream_rows_min_bytes;
+        t->vendor == BN_VENDOR_AMD ? l3_or_default / 6 + 1 : t->stream_rows_min_bytes;
 
     t->stream_planes_min_bytes = (size_t)16 << 20;
     /* Inference on planes is one flat walk (x read once): on the EPYC its output written through the
