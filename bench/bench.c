@@ -1,7 +1,8 @@
 /*
  * bench.c - bnorm_bench: speed of every bnorm op against the memory-bandwidth bound, side by side
- * with oneDNN (same process, when built with it) and PyTorch (bench/torch_bench.py, run once per
- * bench run and merged into the same table). See docs/performance.md.
+ * with oneDNN (same process, when built with it) and PyTorch (bench/torch_bench.py in a second process
+ * that times each case right after bnorm and oneDNN, in an order that rotates from round to round).
+ * See docs/performance.md.
  *
  *   bnorm_bench [--quick | --full] [--threads 1,2] [--dtypes f32,bf16,f16] [--layouts cf,cl]
  *               [--sets resnet,bn1d,large] [--shape N,C[,d...]]... [--reps R] [--no-dnnl] [--no-torch]
@@ -21,6 +22,11 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+
+#include <signal.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -72,6 +78,72 @@ static double median_finite(const double *v, int n) {
     for (int i = 0; i < n && k < 64; i++)
         if (isfinite(v[i])) w[k++] = v[i];
     return k ? median(w, k) : NAN;
+}
+
+static void pause_ms(int ms) {
+    struct timespec ts = {0, ms * 1000000L};
+    nanosleep(&ts, NULL);
+}
+
+/* PyTorch in a second process (torch_bench.py --serve), asked for one case at a time over a pipe so
+   that it is timed beside bnorm and oneDNN on each case, not minutes later in a batch of its own: the
+   machine's bandwidth moves by half within a run (docs/performance.md, "Method"). */
+typedef struct torch_proc {
+    FILE *to, *from;
+    pid_t pid;
+    char version[64];
+} torch_proc;
+
+static void torch_stop(torch_proc *tp) {
+    if (tp->to) fclose(tp->to); /* end of input: the server returns */
+    if (tp->from) fclose(tp->from);
+    if (tp->pid > 0) waitpid(tp->pid, NULL, 0);
+    memset(tp, 0, sizeof *tp);
+}
+
+static int torch_start(torch_proc *tp, const char *script) {
+    int in[2], out[2];
+    memset(tp, 0, sizeof *tp);
+    tp->pid = -1;
+    if (pipe(in)) return 0;
+    if (pipe(out)) { close(in[0]); close(in[1]); return 0; }
+    fflush(stdout);
+    pid_t pid = fork();
+    if (pid < 0) { close(in[0]); close(in[1]); close(out[0]); close(out[1]); return 0; }
+    if (pid == 0) {
+        dup2(in[0], 0);
+        dup2(out[1], 1);
+        FILE *nul = freopen("/dev/null", "w", stderr);
+        (void)nul;
+        close(in[0]); close(in[1]); close(out[0]); close(out[1]);
+        execl("/usr/bin/python3", "python3", script, "--serve", (char *)NULL);
+        _exit(127);
+    }
+    close(in[0]);
+    close(out[1]);
+    signal(SIGPIPE, SIG_IGN); /* a PyTorch process that died shows as a failed write, not a kill */
+    tp->pid = pid;
+    tp->to = fdopen(in[1], "w");
+    tp->from = fdopen(out[0], "r");
+    char line[256] = "";
+    if (tp->to && tp->from && fgets(line, sizeof line, tp->from) && sscanf(line, "READY torch %63s", tp->version) == 1)
+        return 1;
+    line[strcspn(line, "\n")] = 0;
+    printf("PyTorch: not available (%s)\n", line[0] ? line : "/usr/bin/python3 exited before it was ready");
+    torch_stop(tp);
+    return 0;
+}
+
+/* One case's median time in seconds, NAN when PyTorch skipped it or failed. */
+static double torch_time(torch_proc *tp, size_t idx, const char *request) {
+    if (!tp->to) return NAN;
+    if (fprintf(tp->to, "%zu %s\n", idx, request) < 0 || fflush(tp->to)) return NAN;
+    char line[256];
+    if (!fgets(line, sizeof line, tp->from)) return NAN;
+    size_t got;
+    double sec;
+    if (sscanf(line, "RESULT %zu %lf", &got, &sec) == 2 && got == idx) return sec;
+    return NAN;
 }
 
 /* The CPU's model name (/proc/cpuinfo), for the record of every table. */
@@ -203,6 +275,24 @@ typedef struct result {
     double t_copy;                    /* the same for a non-temporal copy moving the same bytes */
     double rb[MAX_ROUNDS], rd[MAX_ROUNDS], rt[MAX_ROUNDS], rc[MAX_ROUNDS]; /* per round */
 } result;
+
+/* Same-round comparison: each round's faster peer time over bnorm's in that round (the three were
+   timed within seconds of each other); the median over rounds, and in how many rounds bnorm was at
+   least as fast. Less moved by the machine's slow phases than the ratio of the medians. */
+static double paired_ratio(const result *r, int rounds, int *won, int *of) {
+    double v[MAX_ROUNDS];
+    int n = 0;
+    *won = 0;
+    for (int k = 0; k < rounds; k++) {
+        double p = isfinite(r->rd[k]) && (!isfinite(r->rt[k]) || r->rd[k] < r->rt[k]) ? r->rd[k] : r->rt[k];
+        if (!isfinite(p) || !isfinite(r->rb[k])) continue;
+        v[n] = p / r->rb[k];
+        *won += v[n] >= 1;
+        n++;
+    }
+    *of = n;
+    return n ? median(v, n) : NAN;
+}
 
 static const char *dtype_tag(int dt) {
     switch (dt) {
@@ -759,8 +849,10 @@ int main(int argc, char **argv) {
                copy_bw[t < 8 ? t : 8] * 1e-9, copy_how, copy_bytes >> 20);
     }
 
-    /* The cases, in a fixed order; every round measures all of them (bnorm and oneDNN call by call in
-       this process, in an order that alternates from round to round), then PyTorch in its own process. */
+    /* The cases, in a fixed order; every round measures all of them, each case by bnorm, oneDNN (in this
+       process) and PyTorch (in its own) one after the other, in an order that rotates from round to round. */
+    torch_proc tp = {0};
+    if (o.torch && torch_start(&tp, o.torch_script)) printf("PyTorch %s: %s --serve\n", tp.version, o.torch_script);
     size_t cap = (size_t)nshapes * 2 * 4 * 8 * OP_COUNT, nres = 0;
     result *res = calloc(cap, sizeof *res);
     int failures = 0;
@@ -787,8 +879,8 @@ int main(int argc, char **argv) {
             }
         }
     }
-    printf("%-16s %-9s %-2s %-4s %2s %2s %9s %9s %9s %7s %6s\n", "shape", "op", "ly", "dt", "th", "rd", "MiB", "bnorm_ms",
-           "dnnl_ms", "GB/s", "bound");
+    printf("%-16s %-9s %-2s %-4s %2s %2s %9s %9s %9s %9s %7s %6s\n", "shape", "op", "ly", "dt", "th", "rd", "MiB", "bnorm_ms",
+           "dnnl_ms", "torch_ms", "GB/s", "bound");
     for (int round = 0; round < o.rounds; round++) {
         for (size_t i0 = 0; i0 < nres;) {
             /* the results of one (shape, dtype, layout) share buffers */
@@ -809,8 +901,18 @@ int main(int argc, char **argv) {
                 set_threads(th);
                 if (B.ws_size < bnorm_workspace_size(&d, 1)) { fprintf(stderr, "workspace grew\n"); return 2; }
                 double *t = malloc(sizeof(double) * (size_t)o.reps), *tc = malloc(sizeof(double) * (size_t)o.reps);
-                for (int side = 0; side < 2; side++) {
-                    int lib = (side + round) % 2; /* 0: bnorm, 1: oneDNN; who goes first alternates */
+                for (int side = 0; side < 3; side++) {
+                    int lib = (side + round) % 3; /* 0: bnorm, 1: oneDNN, 2: PyTorch; who goes first rotates */
+                    pause_ms(2); /* the previous library's OpenMP threads may still spin: let them sleep */
+                    if (lib == 2 && tp.to) {
+                        char req[256];
+                        int n = snprintf(req, sizeof req, "%s %s %s %d %d %d ", op_name[op], r->layout ? "cl" : "cf",
+                                         dtype_tag(r->dtype), th, o.reps, o.warmup);
+                        for (int k = 0; k < s->rank; k++)
+                            n += snprintf(req + n, sizeof req - (size_t)n, "%s%lld", k ? "," : "", (long long)s->dims[k]);
+                        snprintf(req + n, sizeof req - (size_t)n, " %.0f", r->bytes); /* the copy after each call */
+                        r->rt[round] = torch_time(&tp, i, req);
+                    }
                     if (lib == 0) {
                         /* the backward needs the statistics (and mask) of a forward */
                         if (op == OP_BWD_TRAIN) bnorm_run(OP_FWD_TRAIN, &d, &B);
@@ -852,9 +954,9 @@ int main(int argc, char **argv) {
                 }
                 free(t);
                 free(tc);
-                printf("%-16s %-9s %-2s %-4s %2d %2d %9.1f %9.3f %9.3f %7.2f %6.3f\n", sname, op_name[op],
+                printf("%-16s %-9s %-2s %-4s %2d %2d %9.1f %9.3f %9.3f %9.3f %7.2f %6.3f\n", sname, op_name[op],
                        r->layout ? "cl" : "cf", dtype_tag(r->dtype), th, round, r->bytes / 1048576.0,
-                       r->rb[round] * 1e3, r->rd[round] * 1e3, r->bytes / r->rb[round] * 1e-9,
+                       r->rb[round] * 1e3, r->rd[round] * 1e3, r->rt[round] * 1e3, r->bytes / r->rb[round] * 1e-9,
                        r->rc[round] / r->rb[round]);
                 fflush(stdout);
             }
@@ -862,41 +964,8 @@ int main(int argc, char **argv) {
             i0 = i1;
         }
 
-        /* PyTorch: one process per round for every case */
-        if (o.torch) {
-            char reqpath[512];
-            snprintf(reqpath, sizeof reqpath, "%s_torch_requests.txt", o.out);
-            FILE *fq = fopen(reqpath, "w");
-            if (fq) {
-                for (size_t i = 0; i < nres; i++) {
-                    const result *r = &res[i];
-                    const shape *s = &shapes[r->shape_idx];
-                    fprintf(fq, "%s %s %s %d %d %d ", op_name[r->op], r->layout ? "cl" : "cf", dtype_tag(r->dtype),
-                            r->threads, o.reps, o.warmup);
-                    for (int k = 0; k < s->rank; k++) fprintf(fq, "%s%lld", k ? "," : "", (long long)s->dims[k]);
-                    fprintf(fq, " %.0f\n", r->bytes); /* the bytes of the copy that follows each call */
-                }
-                fclose(fq);
-                char cmd[1200];
-                snprintf(cmd, sizeof cmd, "/usr/bin/python3 '%s' '%s' 2>/dev/null", o.torch_script, reqpath);
-                printf("round %d, running PyTorch: %s\n", round, cmd);
-                fflush(stdout);
-                FILE *p = popen(cmd, "r");
-                char line[256];
-                int got = 0;
-                while (p && fgets(line, sizeof line, p)) {
-                    long idx;
-                    double sec;
-                    if (sscanf(line, "RESULT %ld %lf", &idx, &sec) == 2 && idx >= 0 && (size_t)idx < nres) {
-                        res[idx].rt[round] = sec;
-                        got++;
-                    }
-                }
-                if (p) pclose(p);
-                printf("PyTorch: %d of %zu cases measured\n", got, nres);
-            }
-        }
     }
+    torch_stop(&tp);
     for (size_t i = 0; i < nres; i++) {
         result *r = &res[i];
         r->t_bnorm = median_finite(r->rb, o.rounds);
@@ -920,7 +989,8 @@ int main(int argc, char **argv) {
     FILE *fj = fopen(path, "w");
     if (fc)
         fprintf(fc, "shape,set,op,layout,dtype,threads,min_bytes,copy_gbs,bnorm_ms,bnorm_gbs,bnorm_bound,"
-                    "dnnl_ms,dnnl_bound,torch_ms,torch_bound,speedup_vs_dnnl,speedup_vs_torch\n");
+                    "dnnl_ms,dnnl_bound,torch_ms,torch_bound,speedup_vs_dnnl,speedup_vs_torch,speedup_paired,"
+                    "rounds_won,rounds_compared\n");
     if (fj) fprintf(fj, "{\n \"copy_gbs\": {");
     for (int i = 0; fj && i < o.nthreads; i++)
         fprintf(fj, "%s\"%d\": %.3f", i ? ", " : "", o.threads[i], copy_bw[o.threads[i] < 8 ? o.threads[i] : 8] * 1e-9);
@@ -931,9 +1001,10 @@ int main(int argc, char **argv) {
         fprintf(fj, "},\n \"cpu\": \"%s\",\n \"rounds\": %d,\n \"reps\": %d,\n \"isa\": \"%s\",\n \"results\": [\n", cpu,
                 o.rounds, o.reps, bnorm_isa_name(bnorm_get_isa()));
     printf("\n%s; medians of %d round(s) of %d calls each\n", cpu, o.rounds, o.reps);
-    printf("speedup = peer time / bnorm time (> 1: bnorm faster); x_best against the faster peer; bound = fraction of the copy bandwidth\n");
-    printf("%-16s %-9s %-2s %-4s %2s %8s %6s %8s %6s %8s %6s %7s %7s %7s\n", "shape", "op", "ly", "dt", "th", "bnorm_ms",
-           "bound", "dnnl_ms", "bound", "torch_ms", "bound", "x_dnnl", "x_torch", "x_best");
+    printf("speedup = peer time / bnorm time (> 1: bnorm faster); x_best against the faster peer; bound = fraction of the copy bandwidth\n"
+           "x_pair = median over rounds of the same round's faster peer time / bnorm's; won = rounds where that is >= 1\n");
+    printf("%-16s %-9s %-2s %-4s %2s %8s %6s %8s %6s %8s %6s %7s %7s %7s %7s %5s\n", "shape", "op", "ly", "dt", "th",
+           "bnorm_ms", "bound", "dnnl_ms", "bound", "torch_ms", "bound", "x_dnnl", "x_torch", "x_best", "x_pair", "won");
     for (size_t i = 0; i < nres; i++) {
         const result *r = &res[i];
         char sname[64];
@@ -942,23 +1013,28 @@ int main(int argc, char **argv) {
         double fb = r->bytes / r->t_bnorm / cb, fd = r->bytes / r->t_dnnl / cb, ft = r->bytes / r->t_torch / cb;
         double xd = r->t_dnnl / r->t_bnorm, xt = r->t_torch / r->t_bnorm;
         double xb = isnan(xd) ? xt : isnan(xt) ? xd : xd < xt ? xd : xt;
-        printf("%-16s %-9s %-2s %-4s %2d %8.3f %6.3f %8.3f %6.3f %8.3f %6.3f %7.2f %7.2f %7.2f%s\n", sname, op_name[r->op],
-               r->layout ? "cl" : "cf", dtype_tag(r->dtype), r->threads, r->t_bnorm * 1e3, fb, r->t_dnnl * 1e3, fd,
-               r->t_torch * 1e3, ft, xd, xt, xb, xb < 1 ? " <" : "");
+        int won, of;
+        double xp = paired_ratio(r, o.rounds, &won, &of);
+        char wons[32] = "-";
+        if (of) snprintf(wons, sizeof wons, "%d/%d", won, of);
+        printf("%-16s %-9s %-2s %-4s %2d %8.3f %6.3f %8.3f %6.3f %8.3f %6.3f %7.2f %7.2f %7.2f %7.2f %5s%s\n", sname,
+               op_name[r->op], r->layout ? "cl" : "cf", dtype_tag(r->dtype), r->threads, r->t_bnorm * 1e3, fb,
+               r->t_dnnl * 1e3, fd, r->t_torch * 1e3, ft, xd, xt, xb, xp, wons, xb < 1 || xp < 1 ? " <" : "");
         if (fc)
-            fprintf(fc, "%s,%s,%s,%s,%s,%d,%.0f,%.3f,%.4f,%.3f,%.4f,%.4f,%.4f,%.4f,%.4f,%.3f,%.3f\n", sname,
+            fprintf(fc, "%s,%s,%s,%s,%s,%d,%.0f,%.3f,%.4f,%.3f,%.4f,%.4f,%.4f,%.4f,%.4f,%.3f,%.3f,%.3f,%d,%d\n", sname,
                     shapes[r->shape_idx].set, op_name[r->op], r->layout ? "cl" : "cf", dtype_tag(r->dtype), r->threads,
                     r->bytes, cb * 1e-9, r->t_bnorm * 1e3, r->bytes / r->t_bnorm * 1e-9, fb, r->t_dnnl * 1e3, fd,
-                    r->t_torch * 1e3, ft, xd, xt);
+                    r->t_torch * 1e3, ft, xd, xt, xp, won, of);
         if (fj) {
 #define JNUM(v) (isfinite(v) ? (v) : -1.0)
             fprintf(fj,
                     "  {\"shape\": \"%s\", \"set\": \"%s\", \"op\": \"%s\", \"layout\": \"%s\", \"dtype\": \"%s\", "
                     "\"threads\": %d, \"min_bytes\": %.0f, \"bnorm_ms\": %.4f, \"bnorm_bound\": %.4f, "
-                    "\"dnnl_ms\": %.4f, \"torch_ms\": %.4f}%s\n",
+                    "\"dnnl_ms\": %.4f, \"torch_ms\": %.4f, \"speedup_paired\": %.4f, \"rounds_won\": %d, "
+                    "\"rounds_compared\": %d}%s\n",
                     sname, shapes[r->shape_idx].set, op_name[r->op], r->layout ? "cl" : "cf", dtype_tag(r->dtype),
                     r->threads, r->bytes, JNUM(r->t_bnorm * 1e3), JNUM(fb), JNUM(r->t_dnnl * 1e3),
-                    JNUM(r->t_torch * 1e3), i + 1 < nres ? "," : "");
+                    JNUM(r->t_torch * 1e3), JNUM(xp), won, of, i + 1 < nres ? "," : "");
         }
     }
     if (fj) { fprintf(fj, " ],\n \"missing_value\": -1\n}\n"); fclose(fj); }

@@ -1,8 +1,11 @@
 #!/usr/bin/python3
 """PyTorch side of bnorm_bench: times torch.nn.functional.batch_norm on the cases bnorm_bench asks for.
 
-Usage: torch_bench.py REQUESTS
+Usage: torch_bench.py REQUESTS     (every case of the file, one after the other)
+       torch_bench.py --serve      (one case per line read from stdin, answered at once: bnorm_bench
+                                    runs it so, to time PyTorch right beside bnorm and oneDNN per case)
 REQUESTS holds one case per line:  op layout dtype threads reps warmup d0,d1,... [copy_bytes]
+(in --serve mode each line starts with its index, which the answer repeats)
   op      fwd_train | fwd_infer | bwd_train | bwd_eval | fused_fwd | fused_bwd
   layout  cf (contiguous) | cl (channels_last / channels_last_3d; rank 3 uses a transposed (N,L,C) view)
   dtype   f32 | bf16 | f16
@@ -55,10 +58,24 @@ def make(dims, layout, dtype, gen):
     return t
 
 
+_cache = {}
+
+
+def tensors(dims, layout, dtype, count):
+    """x, dy, addend for a case: the ops of one shape reuse them (making 100 MB of randn takes longer
+    than timing the case); only the newest shape is kept."""
+    key = (tuple(dims), layout, dtype)
+    if key not in _cache:
+        _cache.clear()
+        gen = torch.Generator().manual_seed(1)
+        _cache[key] = [make(dims, layout, dtype, gen) for _ in range(3)]
+    return _cache[key][:count]
+
+
 def run_case(op, layout, dtype, dims):
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator().manual_seed(2)
     C = dims[1]
-    x = make(dims, layout, dtype, gen)
+    x, dy, addend = tensors(dims, layout, dtype, 3)
     w = torch.rand(C, generator=gen) + 0.5
     b = torch.randn(C, generator=gen)
     rm = torch.zeros(C)
@@ -68,7 +85,6 @@ def run_case(op, layout, dtype, dims):
         return lambda: F.batch_norm(x, rm, rv, w, b, True, 0.1, eps)
     if op == "fwd_infer":
         return lambda: F.batch_norm(x, rm, rv, w, b, False, 0.1, eps)
-    dy = make(dims, layout, dtype, gen)
     if op in ("bwd_train", "bwd_eval"):
         train = op == "bwd_train"
         _, sm, si = torch.ops.aten.native_batch_norm(x, w, b, rm, rv, True, 0.1, eps)
@@ -76,7 +92,6 @@ def run_case(op, layout, dtype, dims):
             sm, si = None, None
         return lambda: torch.ops.aten.native_batch_norm_backward(
             dy, x, w, rm, rv, sm, si, train, eps, [True, True, True])
-    addend = make(dims, layout, dtype, gen)
     if op == "fused_fwd":
         return lambda: torch.relu_(F.batch_norm(x, rm, rv, w, b, True, 0.1, eps).add_(addend))
     if op == "fused_bwd":
@@ -89,34 +104,56 @@ def run_case(op, layout, dtype, dims):
     raise ValueError(op)
 
 
+def time_case(f):
+    """Times one request (fields as in the file format); returns the answer's text after the index."""
+    op, layout, dtype, threads, reps, warm, dims = f[:7]
+    dims = [int(d) for d in dims.split(",")]
+    half = int(float(f[7])) // 8 if len(f) == 8 else 0  # float32 values per copy side
+    src = torch.ones(half) if half else None
+    dst = torch.empty(half) if half else None
+    try:
+        torch.set_num_threads(int(threads))
+        fn = run_case(op, layout, dtype, dims)
+        for _ in range(int(warm)):
+            fn()
+            if half:
+                dst.copy_(src)
+        ts = []
+        for _ in range(int(reps)):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+            if half:
+                dst.copy_(src)
+        return "RESULT", "%.9e" % statistics.median(ts)
+    except Exception as e:  # unsupported dtype/layout in this PyTorch: reported, not fatal
+        return "SKIP", type(e).__name__
+
+
+def serve():
+    print("READY torch %s" % torch.__version__, flush=True)
+    for line in sys.stdin:
+        f = line.split()
+        if len(f) not in (8, 9):
+            print("SKIP %s bad-request" % (f[0] if f else "-1"), flush=True)
+            continue
+        # the other process's OpenMP threads may still spin after its last call: let them settle
+        time.sleep(0.005)
+        kind, text = time_case(f[1:])
+        print("%s %s %s" % (kind, f[0], text), flush=True)
+
+
 def main():
+    if sys.argv[1:] == ["--serve"]:
+        serve()
+        return
     lines = open(sys.argv[1]).read().splitlines()
     for i, line in enumerate(lines):
         f = line.split()
         if len(f) not in (7, 8):
             continue
-        op, layout, dtype, threads, reps, warm, dims = f[:7]
-        dims = [int(d) for d in dims.split(",")]
-        half = int(float(f[7])) // 8 if len(f) == 8 else 0  # float32 values per copy side
-        src = torch.ones(half) if half else None
-        dst = torch.empty(half) if half else None
-        try:
-            torch.set_num_threads(int(threads))
-            fn = run_case(op, layout, dtype, dims)
-            for _ in range(int(warm)):
-                fn()
-                if half:
-                    dst.copy_(src)
-            ts = []
-            for _ in range(int(reps)):
-                t0 = time.perf_counter()
-                fn()
-                ts.append(time.perf_counter() - t0)
-                if half:
-                    dst.copy_(src)
-            print("RESULT %d %.9e" % (i, statistics.median(ts)), flush=True)
-        except Exception as e:  # unsupported dtype/layout in this PyTorch: reported, not fatal
-            print("SKIP %d %s" % (i, type(e).__name__), flush=True)
+        kind, text = time_case(f)
+        print("%s %d %s" % (kind, i, text), flush=True)
 
 
 if __name__ == "__main__":
