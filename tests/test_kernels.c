@@ -174,6 +174,81 @@ static void test_mask_copy(void) {
     }
 }
 
+/* The low part of the mean all +0 (inference) takes a shorter expression on wide rows, x - mh instead of
+ * x - mh - ml: it must give the bits of the full one. Checked against y = (x - mh - ml) * sc + sh
+ * [+ add] [ReLU] evaluated here in the compute type, with ml all +0 and all -0 (which must not take
+ * the shortcut: x - mh = -0 minus -0 is +0), and mh = 0 with a shift of -0 on some channels, where
+ * x = -0 gives y = -0 and the low part's sign shows. float32 and float64 (the storage types round the same expression). */
+static void zero_lo_case(bnorm_dtype dt, int64_t rows, int64_t C, int neg) {
+    const int64_t n = rows * C;
+    const int f64 = dt == BNORM_DTYPE_F64;
+    double *xv = malloc(sizeof(double) * (size_t)n), *av = malloc(sizeof(double) * (size_t)n);
+    double *want = malloc(sizeof(double) * (size_t)n), *got = malloc(sizeof(double) * (size_t)n);
+    for (int64_t i = 0; i < n; i++) {
+        xv[i] = pick_value();
+        av[i] = th_randint(0, 3) == 0 ? pick_value() : th_normal();
+    }
+    th_buf X = th_alloc(dt, n, 0), A = th_alloc(dt, n, 0);
+    th_store(&X, xv);
+    th_store(&A, av);
+    th_load(&X, xv); /* the values as stored */
+    th_load(&A, av);
+    void *mh = coef(dt, C, 1.0, 0.5), *ml = coef(dt, C, 0.0, 0.0), *sc = coef(dt, C, 1.0, 0.0),
+         *sh = coef(dt, C, 0.5, 0.0);
+    for (int64_t c = 0; c < C; c++) {
+        if (c % 3 == 0) { /* x = -0 gives x - mh = -0, whose sign only a shift of -0 keeps in y */
+            if (f64) ((double *)mh)[c] = 0.0, ((double *)sh)[c] = -0.0;
+            else ((float *)mh)[c] = 0.0f, ((float *)sh)[c] = -0.0f;
+        }
+        if (f64) ((double *)ml)[c] = neg ? -0.0 : 0.0;
+        else ((float *)ml)[c] = neg ? -0.0f : 0.0f;
+    }
+    for (int variant = 0; variant < 4; variant++) {
+        const int add = variant & 1, relu = variant >> 1;
+        for (int64_t i = 0; i < n; i++) {
+            const int64_t c = i % C;
+            if (f64) {
+                const double *h = mh, *l = ml, *s_ = sc, *b = sh;
+                double z = (xv[i] - h[c] - l[c]) * s_[c] + b[c];
+                if (add) z = z + av[i];
+                want[i] = relu && !(z > 0) && !isnan(z) ? 0.0 : z;
+            } else {
+                const float *h = mh, *l = ml, *s_ = sc, *b = sh;
+                float z = ((float)xv[i] - h[c] - l[c]) * s_[c] + b[c];
+                if (add) z = z + (float)av[i];
+                want[i] = relu && !(z > 0) && !isnan(z) ? 0.0 : (double)z;
+            }
+        }
+        for (int isa = BNORM_ISA_SCALAR; isa <= BNORM_ISA_AVX512; isa++) {
+            const bn_kernels *k = bn_kernels_variant((bnorm_isa)isa, dt);
+            if (!k) continue;
+            for (int stream = 0; stream <= 1; stream++) {
+                th_buf Y = th_alloc(dt, n, 0);
+                k->rows_apply(X.p, Y.p, add ? A.p : NULL, NULL, 0, rows, C, mh, ml, sc, sh, relu, stream);
+                th_load(&Y, got);
+                th_free(&Y);
+                int64_t bad = -1;
+                for (int64_t i = 0; i < n && bad < 0; i++)
+                    if (!same_value(got[i], want[i])) bad = i;
+                CHECK(bad < 0, "low part %s0 %s isa=%d rows=%lld C=%lld add=%d relu=%d stream=%d: value %lld is %a, "
+                      "(x - mh - ml) * sc + sh gives %a (x %g)", neg ? "-" : "+", bnorm_dtype_name(dt), isa,
+                      (long long)rows, (long long)C, add, relu, stream, (long long)bad, bad < 0 ? 0.0 : got[bad],
+                      bad < 0 ? 0.0 : want[bad], bad < 0 ? 0.0 : xv[bad]);
+            }
+        }
+    }
+    th_free(&X);
+    th_free(&A);
+    free(xv);
+    free(av);
+    free(want);
+    free(got);
+    free(mh);
+    free(ml);
+    free(sc);
+    free(sh);
+}
+
 int main(void) {
     th_seed(7);
     test_mask_copy();
@@ -183,6 +258,12 @@ int main(void) {
         for (size_t c = 0; c < sizeof chans / sizeof chans[0]; c++) {
             const int64_t rows = th_randint(1, chans[c] >= 1024 ? 9 : 40) + (chans[c] <= 64 ? 60 : 0);
             one_case(dts[d], rows, chans[c]);
+        }
+    const int64_t wide[] = {256, 300, 1030, 2048};
+    for (int neg = 0; neg <= 1; neg++)
+        for (size_t c = 0; c < sizeof wide / sizeof wide[0]; c++) {
+            zero_lo_case(BNORM_DTYPE_F32, th_randint(1, 9), wide[c], neg);
+            zero_lo_case(BNORM_DTYPE_F64, th_randint(1, 9), wide[c], neg);
         }
     return th_finish("test_kernels");
 }

@@ -836,6 +836,15 @@ static inline void KN(bwd_apply4)(const KT *x, const KT *dy, int64_t C, KT *dx, 
     }
 }
 
+/* Whether every low part of the mean is +0 (not -0: x - mh - (-0) turns a -0 into +0): then
+ * x - mh - ml is x - mh bit for bit, and the wide rows read one array fewer. Inference always has it
+ * (its mean is the running mean, of the compute type or narrower); a training mean rarely. */
+static inline int KN(lo_zero)(const KA *ml, int64_t C) {
+    for (int64_t c = 0; c < C; c++)
+        if (ml[c] != 0 || signbit(ml[c])) return 0;
+    return 1;
+}
+
 /* Streaming without a mask, the rows kernels walk the whole range as one flat array in chunks that end
  * on 64-byte lines of the output (bn_chunk_len), each chunk cut at row boundaries into pieces with
  * their coefficient offsets: with rows that are not a multiple of 64 bytes (C = 64 float16, or an
@@ -859,8 +868,8 @@ static void KN(rows_apply)(const void *xv, void *yv, const void *addv, uint8_t *
     }
 #if defined(BN_KT_F32) && defined(BN_HAVE_NT_ROWS_F32) && BN_NT_WIDE
     if (stream && !mask && bn_rows_on_lines(yv, C, sizeof(KT))) {
-        bn_nt_wide_rows_f32((const float *)xv, (float *)yv, (const float *)addv, rows, C, mean, mlo, scale, shift,
-                            relu);
+        bn_nt_wide_rows_f32((const float *)xv, (float *)yv, (const float *)addv, rows, C, mean,
+                            KN(lo_zero)(mlo, C) ? NULL : mlo, scale, shift, relu);
         return;
     }
 #endif
@@ -915,6 +924,7 @@ static void KN(rows_apply)(const void *xv, void *yv, const void *addv, uint8_t *
         }
         return;
     }
+    const int lo0 = !mask && KN(lo_zero)(mlo, C);
     for (int64_t r = 0; r < rows; r++) {
         const KT *xr = (const KT *)xv + r * C;
         const KT *ar = addv ? (const KT *)addv + r * C : NULL;
@@ -928,7 +938,8 @@ static void KN(rows_apply)(const void *xv, void *yv, const void *addv, uint8_t *
                 BN_Z_LOOPS(z, xc, ac, len, mc[i], lc[i], sc[i], bc[i]);
                 KN(masked_out)(z, out, mask + r * mstride + (c0 >> 3), len, relu);
             } else {
-                BN_APPLY_LOOPS(out, xc, ac, len, relu, mc[i], lc[i], sc[i], bc[i]);
+                if (lo0) BN_APPLY_LOOPS(out, xc, ac, len, relu, mc[i], (KA)0, sc[i], bc[i]); /* same bits */
+                else BN_APPLY_LOOPS(out, xc, ac, len, relu, mc[i], lc[i], sc[i], bc[i]);
             }
             if (stream) bn_stream_copy(yr + c0, stage, (size_t)len * sizeof(KT));
         }

@@ -10,6 +10,7 @@
  * which would break bit-exactness with the scalar reference.
  */
 #include "kernels.h"
+#include <math.h>
 #include "simd.h"
 
 #ifndef BN_ISA
