@@ -101,20 +101,44 @@ static void check_variants(const kcase *c, const double *xv, const double *av, d
     }
 }
 
-static void one_case(bnorm_dtype dt, int64_t rows, int64_t C) {
-    const int64_t n = rows * C;
-    double *xv = malloc(sizeof(double) * (size_t)n), *av = malloc(sizeof(double) * (size_t)n);
-    double *got = malloc(sizeof(double) * (size_t)n), *want = malloc(sizeof(double) * (size_t)n);
+/* A case's random data: x and the addend (or dy) as doubles and stored in dtype, and room for results. */
+typedef struct kdata {
+    double *xv, *av, *got, *want;
+    th_buf X, A;
+} kdata;
+
+static kdata kdata_make(bnorm_dtype dt, int64_t n) {
+    kdata d;
+    d.xv = malloc(sizeof(double) * (size_t)n);
+    d.av = malloc(sizeof(double) * (size_t)n);
+    d.got = malloc(sizeof(double) * (size_t)n);
+    d.want = malloc(sizeof(double) * (size_t)n);
     for (int64_t i = 0; i < n; i++) {
-        xv[i] = pick_value();
-        av[i] = th_randint(0, 3) == 0 ? pick_value() : th_normal();
+        d.xv[i] = pick_value();
+        d.av[i] = th_randint(0, 3) == 0 ? pick_value() : th_normal();
     }
-    th_buf X = th_alloc(dt, n, 0), A = th_alloc(dt, n, 0);
-    th_store(&X, xv);
-    th_store(&A, av);
+    d.X = th_alloc(dt, n, 0);
+    d.A = th_alloc(dt, n, 0);
+    th_store(&d.X, d.xv);
+    th_store(&d.A, d.av);
+    return d;
+}
+
+static void kdata_free(kdata *d) {
+    th_free(&d->X);
+    th_free(&d->A);
+    free(d->xv);
+    free(d->av);
+    free(d->got);
+    free(d->want);
+}
+
+static void one_case(bnorm_dtype dt, int64_t rows, int64_t C) {
+    kdata d = kdata_make(dt, rows * C);
+    double *xv = d.xv, *av = d.av, *got = d.got, *want = d.want;
     void *mh = coef(dt, C, 0.0, 0.5), *ml = coef(dt, C, 1e-9, 0.0), *sc = coef(dt, C, 1.0, 0.0),
          *sh = coef(dt, C, 0.5, 0.0), *k3 = coef(dt, C, 0.3, 0.0);
-    kcase c = {dt, rows, C, X.p, A.p, mh, ml, sc, sh, k3, 0, 0, 0, 1};
+    kcase c = {dt, rows, C, d.X.p, d.A.p, mh, ml, sc, sh, k3, 0, 0, 0, 1};
     for (int variant = 0; variant < 4; variant++) { /* the forward: y = (x - mh - ml) * sc + sh [+ add] [ReLU] */
         c.add = variant & 1;
         c.relu = (variant >> 1) & 1;
@@ -125,12 +149,7 @@ static void one_case(bnorm_dtype dt, int64_t rows, int64_t C) {
     c.backward = 1;
     c.add = c.relu = 0;
     for (c.with_x = 0; c.with_x <= 1; c.with_x++) check_variants(&c, xv, av, want, got);
-    th_free(&X);
-    th_free(&A);
-    free(xv);
-    free(av);
-    free(got);
-    free(want);
+    kdata_free(&d);
     free(mh);
     free(ml);
     free(sc);
@@ -182,17 +201,10 @@ static void test_mask_copy(void) {
 static void zero_lo_case(bnorm_dtype dt, int64_t rows, int64_t C, int neg) {
     const int64_t n = rows * C;
     const int f64 = dt == BNORM_DTYPE_F64;
-    double *xv = malloc(sizeof(double) * (size_t)n), *av = malloc(sizeof(double) * (size_t)n);
-    double *want = malloc(sizeof(double) * (size_t)n), *got = malloc(sizeof(double) * (size_t)n);
-    for (int64_t i = 0; i < n; i++) {
-        xv[i] = pick_value();
-        av[i] = th_randint(0, 3) == 0 ? pick_value() : th_normal();
-    }
-    th_buf X = th_alloc(dt, n, 0), A = th_alloc(dt, n, 0);
-    th_store(&X, xv);
-    th_store(&A, av);
-    th_load(&X, xv); /* the values as stored */
-    th_load(&A, av);
+    kdata d = kdata_make(dt, n);
+    double *xv = d.xv, *av = d.av, *got = d.got, *want = d.want;
+    th_load(&d.X, xv); /* the values as stored */
+    th_load(&d.A, av);
     void *mh = coef(dt, C, 1.0, 0.5), *ml = coef(dt, C, 0.0, 0.0), *sc = coef(dt, C, 1.0, 0.0),
          *sh = coef(dt, C, 0.5, 0.0);
     for (int64_t c = 0; c < C; c++) {
@@ -224,7 +236,7 @@ static void zero_lo_case(bnorm_dtype dt, int64_t rows, int64_t C, int neg) {
             if (!k) continue;
             for (int stream = 0; stream <= 1; stream++) {
                 th_buf Y = th_alloc(dt, n, 0);
-                k->rows_apply(X.p, Y.p, add ? A.p : NULL, NULL, 0, rows, C, mh, ml, sc, sh, relu, stream);
+                k->rows_apply(d.X.p, Y.p, add ? d.A.p : NULL, NULL, 0, rows, C, mh, ml, sc, sh, relu, stream);
                 th_load(&Y, got);
                 th_free(&Y);
                 int64_t bad = -1;
@@ -237,12 +249,7 @@ static void zero_lo_case(bnorm_dtype dt, int64_t rows, int64_t C, int neg) {
             }
         }
     }
-    th_free(&X);
-    th_free(&A);
-    free(xv);
-    free(av);
-    free(want);
-    free(got);
+    kdata_free(&d);
     free(mh);
     free(ml);
     free(sc);
