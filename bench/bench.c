@@ -903,8 +903,10 @@ int main(int argc, char **argv) {
                 double *t = malloc(sizeof(double) * (size_t)o.reps), *tc = malloc(sizeof(double) * (size_t)o.reps);
                 for (int side = 0; side < 3; side++) {
                     int lib = (side + round) % 3; /* 0: bnorm, 1: oneDNN, 2: PyTorch; who goes first rotates */
-                    pause_ms(2); /* the previous library's OpenMP threads may still spin: let them sleep */
-                    if (lib == 2 && tp.to) {
+                    if ((lib == 1 && !o.dnnl) || (lib == 2 && !tp.to)) continue;
+                    /* the previous library's OpenMP threads (either process) may still spin: let them sleep */
+                    pause_ms(2);
+                    if (lib == 2) {
                         char req[256];
                         int n = snprintf(req, sizeof req, "%s %s %s %d %d %d ", op_name[op], r->layout ? "cl" : "cf",
                                          dtype_tag(r->dtype), th, o.reps, o.warmup);

@@ -137,8 +137,6 @@ def serve():
         if len(f) not in (8, 9):
             print("SKIP %s bad-request" % (f[0] if f else "-1"), flush=True)
             continue
-        # the other process's OpenMP threads may still spin after its last call: let them settle
-        time.sleep(0.005)
         kind, text = time_case(f[1:])
         print("%s %s %s" % (kind, f[0], text), flush=True)
 
